@@ -1,0 +1,89 @@
+"""Architecture adapters: one declarative description per transformers architecture.
+
+An adapter says everything model-specific that the generic machinery needs, and nothing else:
+
+* which ``config.json`` files it accepts (``model_types``) and how to find the thinker's config in them;
+* how to turn that config into an :class:`~av_lens.config.AVConfig`;
+* a weight map from av_lens parameter names to checkpoint keys (``{l}`` stands for the layer), plus the
+  checkpoint prefixes to strip (a full Omni checkpoint nests the thinker under ``thinker.``) and to skip
+  (the talker);
+* which native encoder towers to build, and how to call them.
+
+Adding a model is one new file in this package that instantiates :class:`Adapter` and registers it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from av_lens.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    model_types: tuple[str, ...]
+    #: av_lens parameter name -> checkpoint key, once per model
+    global_map: dict[str, str]
+    #: av_lens parameter name -> checkpoint key, per layer; "{l}" is the layer index
+    layer_map: dict[str, str]
+    #: encoder attribute on the model -> checkpoint key prefix (loaded as the tower's own state dict)
+    towers: dict[str, str]
+    #: prefixes stripped from checkpoint keys before matching (tried in order)
+    strip_prefixes: tuple[str, ...] = ("",)
+    #: checkpoint key prefixes that are not part of the thinker and are skipped
+    skip_prefixes: tuple[str, ...] = ()
+    #: functions of the adapter (config conversion, tower construction and calls)
+    thinker_config: Callable[[Any], Any] = None  # hf config -> thinker config
+    to_av_config: Callable[..., Any] = None  # (thinker config, tokenizer) -> AVConfig
+    build_towers: Callable[[Any], dict[str, nn.Module]] = None  # thinker config -> {attr: module}
+    build_rotary: Callable[[Any], nn.Module] = None  # thinker config -> rotary module (positions -> cos, sin)
+    encoder_layers: Callable[[nn.Module, str], list[nn.Module]] = None  # (tower, kind) -> its layers
+    encode: dict[str, Callable] = field(default_factory=dict)  # kind -> fn(model, AVInput) -> [n_tok, d_model]
+
+    def expected_keys(self, n_layers: int, tied: bool) -> dict[str, str]:
+        """av_lens parameter name -> checkpoint key (prefix-stripped) for the backbone."""
+        keys = {k: v for k, v in self.global_map.items() if not (tied and k == "unembed.weight")}
+        for layer in range(n_layers):
+            for ours, theirs in self.layer_map.items():
+                keys[ours.format(l=layer)] = theirs.format(l=layer)
+        return keys
+
+    def strip(self, key: str) -> str | None:
+        """The checkpoint key without its container prefix, or None when it is to be skipped."""
+        if any(key.startswith(p) for p in self.skip_prefixes):
+            return None
+        for p in self.strip_prefixes:
+            if p and key.startswith(p):
+                return key[len(p):]
+        return key
+
+
+_REGISTRY: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    _REGISTRY[adapter.name] = adapter
+    return adapter
+
+
+def adapters() -> Iterator[Adapter]:
+    return iter(_REGISTRY.values())
+
+
+def adapter_for(config_dict: dict, where: str) -> Adapter:
+    """The adapter that accepts a checkpoint's config.json (as a dict)."""
+    model_type = config_dict.get("model_type")
+    for a in _REGISTRY.values():
+        if model_type in a.model_types:
+            return a
+    supported = sorted(t for a in _REGISTRY.values() for t in a.model_types)
+    raise CheckpointError(
+        f"{where} holds a {model_type or 'config without model_type'!s} checkpoint "
+        f"(architectures {config_dict.get('architectures')}), which is not a supported audio-visual thinker",
+        f"load a checkpoint whose config.json model_type is one of {supported} (e.g. Qwen/Qwen2.5-Omni-3B)",
+    )

@@ -1,0 +1,170 @@
+"""Grouped-query self-attention with 3-D rotary positions and TransformerLens hook points.
+
+Qwen2-style attention: q/k/v projections with biases, ``n_key_value_heads`` key/value heads shared by
+groups of query heads, rotary embeddings whose frequency bands are driven by the (time, height, width)
+position axes (TMRoPE: the caller passes ready ``cos``/``sin`` built by transformers' rotary module), no
+output bias.
+
+Hook points, in forward order (TransformerLens names and shapes):
+
+* ``hook_q`` [batch, pos, head_index, d_head], ``hook_k`` / ``hook_v`` [batch, pos, kv_head, d_head]
+* ``hook_rot_q`` / ``hook_rot_k`` — after the rotary embedding
+* ``hook_attn_scores`` [batch, head_index, query_pos, key_pos] — scaled, masked, pre-softmax
+* ``hook_pattern`` [batch, head_index, query_pos, key_pos] — post-softmax
+* ``hook_z`` [batch, pos, head_index, d_head] — the pattern-weighted values
+* ``hook_result`` [batch, pos, head_index, d_model] — each head's write to the residual stream
+
+Two execution paths give the same numbers: an explicit one (scores, softmax, matmul) whenever a hook
+needs ``hook_attn_scores`` or ``hook_pattern``, and torch's ``scaled_dot_product_attention`` otherwise.
+``hook_result`` is computed only while it is hooked or ``cfg.use_attn_result`` is set (it costs
+n_heads x d_model per position); then the output is the sum of the (possibly edited) head results.
+During KV-cached decoding, q/k/v hooks see the new positions only, and scores/pattern are
+[batch, head, new_pos, cache_len + new_pos].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_pos_emb
+
+from av_lens.config import AVConfig
+
+
+@dataclass
+class AttnContext:
+    """What every layer's attention needs for one forward: rotary tables, mask, cache."""
+
+    cos: Tensor  # [batch, pos, d_head]
+    sin: Tensor
+    mask: Tensor | None  # additive [batch, 1, q, k], or None for plain causal without padding
+    cache: "KVCache | None" = None
+    force_explicit: bool = False
+
+
+class KVCache:
+    """Per-layer keys and values (after rotary) of the positions seen so far: [batch, kv_head, pos, d_head]."""
+
+    def __init__(self, n_layers: int):
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.v: list[Tensor | None] = [None] * n_layers
+
+    def __len__(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: AVConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        nh, nkv, dh, dm = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
+        self.q_proj = nn.Linear(dm, nh * dh, bias=True)
+        self.k_proj = nn.Linear(dm, nkv * dh, bias=True)
+        self.v_proj = nn.Linear(dm, nkv * dh, bias=True)
+        self.o_proj = nn.Linear(nh * dh, dm, bias=False)
+        self.scale = dh ** -0.5
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
+        self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
+        self.hook_z, self.hook_result = HookPoint(), HookPoint()
+
+    # --- TransformerLens-orientation weight views -------------------------------------------------
+    @property
+    def W_Q(self) -> Float[Tensor, "head_index d_model d_head"]:
+        return einops.rearrange(self.q_proj.weight, "(h d) m -> h m d", h=self.cfg.n_heads)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "head_index d_head"]:
+        return einops.rearrange(self.q_proj.bias, "(h d) -> h d", h=self.cfg.n_heads)
+
+    @property
+    def _W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return einops.rearrange(self.k_proj.weight, "(h d) m -> h m d", h=self.cfg.n_key_value_heads)
+
+    @property
+    def _W_V(self) -> Float[Tensor, "kv_head d_model d_head"]:
+        return einops.rearrange(self.v_proj.weight, "(h d) m -> h m d", h=self.cfg.n_key_value_heads)
+
+    @property
+    def _b_K(self) -> Float[Tensor, "kv_head d_head"]:
+        return einops.rearrange(self.k_proj.bias, "(h d) -> h d", h=self.cfg.n_key_value_heads)
+
+    @property
+    def _b_V(self) -> Float[Tensor, "kv_head d_head"]:
+        return einops.rearrange(self.v_proj.bias, "(h d) -> h d", h=self.cfg.n_key_value_heads)
+
+    @property
+    def W_K(self) -> Float[Tensor, "head_index d_model d_head"]:
+        return self._W_K.repeat_interleave(self.cfg.n_rep, dim=0)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head_index d_model d_head"]:
+        return self._W_V.repeat_interleave(self.cfg.n_rep, dim=0)
+
+    @property
+    def b_K(self) -> Float[Tensor, "head_index d_head"]:
+        return self._b_K.repeat_interleave(self.cfg.n_rep, dim=0)
+
+    @property
+    def b_V(self) -> Float[Tensor, "head_index d_head"]:
+        return self._b_V.repeat_interleave(self.cfg.n_rep, dim=0)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head_index d_head d_model"]:
+        return einops.rearrange(self.o_proj.weight, "m (h d) -> h d m", h=self.cfg.n_heads)
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        return torch.zeros(self.cfg.d_model, device=self.o_proj.weight.device, dtype=self.o_proj.weight.dtype)
+
+    # --- forward ------------------------------------------------------------------------------------
+    def needs_explicit(self, ctx: AttnContext) -> bool:
+        return ctx.force_explicit or self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttnContext) -> Float[Tensor, "batch pos d_model"]:
+        B, P, _ = x.shape
+        nh, nkv, dh = self.cfg.n_heads, self.cfg.n_key_value_heads, self.cfg.d_head
+        q = self.hook_q(self.q_proj(x).view(B, P, nh, dh))
+        k = self.hook_k(self.k_proj(x).view(B, P, nkv, dh))
+        v = self.hook_v(self.v_proj(x).view(B, P, nkv, dh))
+        q, k = apply_rotary_pos_emb(q, k, ctx.cos, ctx.sin, unsqueeze_dim=2)
+        q, k = self.hook_rot_q(q), self.hook_rot_k(k)
+        qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
+        if ctx.cache is not None:
+            kh, vh = ctx.cache.update(self.layer, kh, vh)
+        if self.needs_explicit(ctx):
+            kr = kh.repeat_interleave(self.cfg.n_rep, dim=1)
+            vr = vh.repeat_interleave(self.cfg.n_rep, dim=1)
+            scores = torch.matmul(qh, kr.transpose(2, 3)) * self.scale
+            if ctx.mask is not None:
+                scores = scores + ctx.mask
+            else:
+                K = kr.shape[2]
+                causal = torch.ones(P, K, dtype=torch.bool, device=x.device).tril(K - P)
+                scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+            scores = self.hook_attn_scores(scores)
+            pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype))
+            zh = torch.matmul(pattern, vr)
+        else:
+            zh = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=ctx.mask, is_causal=ctx.mask is None and P > 1 and kh.shape[2] == P,
+                scale=self.scale, enable_gqa=nkv != nh,
+            )
+        z = self.hook_z(zh.transpose(1, 2))  # [batch, pos, head, d_head]
+        if self.cfg.use_attn_result or self.hook_result.has_hooks():
+            result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
+            return result.sum(dim=2)
+        return self.o_proj(z.reshape(B, P, nh * dh))

@@ -1,0 +1,31 @@
+"""RMSNorm with TransformerLens's two hook points.
+
+``hook_scale`` is the per-position root-mean-square ``sqrt(mean(x^2) + eps)`` ("batch pos 1", computed in
+fp32), ``hook_normalized`` the normalised vector *before* the learned weight ("batch pos d_model"), as in
+TransformerLens. ActivationCache.apply_ln_to_stack divides by the cached ``hook_scale``; because weights are
+not folded here, :meth:`HookedAVTransformer.tokens_to_residual_directions` returns unembedding directions
+already multiplied by the final norm's weight, so logit attributions still sum to the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d_model: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        dtype = x.dtype
+        x32 = x.float()
+        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        normalized = self.hook_normalized((x32 / scale).to(dtype))
+        return self.w * normalized

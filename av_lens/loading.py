@@ -1,0 +1,205 @@
+"""Loading checkpoints into a HookedAVTransformer, kept apart from the model code.
+
+1. Resolve a hub id or local folder to a folder (a hub id goes through ``huggingface_hub``'s cache; nothing
+   here downloads when ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
+2. Read ``config.json`` with transformers' config classes (no remote code), pick the adapter, convert it
+   to an AVConfig, and check it against the model's YAML in ``model_configs/`` when one applies.
+3. Build the model with uninitialised parameters directly in the target dtype and device.
+4. Stream the safetensors shards one tensor at a time into those parameters (so at most one tensor is
+   held twice), mapping names through the adapter; pickled ``.bin`` checkpoints are refused.
+5. Fail with a :class:`CheckpointError` on missing, unexpected or mis-shaped tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from av_lens.adapters import adapter_for
+from av_lens.errors import CheckpointError
+from av_lens.registry import find_spec, get_spec
+
+#: names of checkpoints shipped inside the package -> function returning their folder
+BUILTIN_CHECKPOINTS: dict[str, Callable[[], Path]] = {}
+
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+
+
+def resolve_folder(name_or_path: str | os.PathLike, local_files_only: bool | None = None) -> Path:
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{str(p)!r} is a file, not a checkpoint folder",
+                              "pass the folder that holds config.json and the *.safetensors files")
+    if str(name_or_path) in BUILTIN_CHECKPOINTS:  # checkpoints embedded in the package resolve offline
+        return BUILTIN_CHECKPOINTS[str(name_or_path)]()
+    name = str(name_or_path)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise CheckpointError(f"no checkpoint folder at {name!r}",
+                              "pass an existing local folder or a hub id such as 'Qwen/Qwen2.5-Omni-3B'")
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS, local_files_only=local_files_only))
+    except Exception as e:  # noqa: BLE001 - every hub failure means the same thing to the caller
+        raise CheckpointError(
+            f"could not find {name!r} locally or on the model hub ({type(e).__name__}: {str(e).splitlines()[0]})",
+            "download it first (huggingface-cli download " + name + ") and pass the local folder",
+        ) from e
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{folder} is missing weight shards {missing}",
+                                  "finish the download (all shards listed in model.safetensors.index.json)")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise CheckpointError(f"{folder} has only pickled weights (*.bin / *.pt), which av_lens does not load",
+                              "convert them to safetensors (transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise CheckpointError(f"{folder} has no *.safetensors weights", "pass a complete checkpoint folder")
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise CheckpointError(f"unknown dtype {dtype!r}", f"use one of {sorted(table)} or a torch.dtype")
+    return table[dtype]
+
+
+def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", model_config=None, local_files_only=None):
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    dtype = _parse_dtype(dtype)
+    device = torch.device(device)
+    folder = resolve_folder(name_or_path, local_files_only)
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{folder} has no config.json", "pass a transformers checkpoint folder")
+    raw = json.loads(cfg_path.read_text())
+    adapter = adapter_for(raw, str(folder))
+    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    thinker_cfg = adapter.thinker_config(hf_config)
+    tokenizer, processor = _load_tokenizer_and_processor(folder)
+    spec = get_spec(model_config) if model_config is not None else find_spec(name_or_path)
+    cfg = adapter.to_av_config(thinker_cfg, tokenizer, dtype=dtype, device=device, model_name=str(name_or_path),
+                               system_prompt=spec.system_prompt if spec else None)
+    if spec is not None:
+        if spec.adapter != adapter.name:
+            raise CheckpointError(f"{folder} is a {adapter.name} checkpoint but {spec.name} needs {spec.adapter}",
+                                  "load the checkpoint that belongs to this model config")
+        spec.check(cfg, str(folder))
+    with torch.device(device), _default_dtype(dtype), no_init_weights():
+        model = cls(cfg, adapter, thinker_cfg, tokenizer=tokenizer, processor=processor)
+    _stream_weights(model, adapter, _weight_files(folder), folder)
+    model.eval()
+    return model
+
+
+def _load_tokenizer_and_processor(folder: Path):
+    tokenizer = processor = None
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    if (folder / "processor_config.json").exists() or (folder / "preprocessor_config.json").exists():
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+        tokenizer = getattr(processor, "tokenizer", tokenizer)
+    return tokenizer, processor
+
+
+def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
+    from safetensors import safe_open
+
+    cfg = model.cfg
+    expected = adapter.expected_keys(cfg.n_layers, cfg.tie_word_embeddings)
+    by_ckpt = {v: k for k, v in expected.items()}
+    targets: dict[str, torch.Tensor] = {}
+    for ours in expected:
+        targets[ours] = model.get_parameter(ours)
+    for attr, prefix in adapter.towers.items():
+        for name, t in getattr(model, attr).state_dict(keep_vars=True).items():
+            by_ckpt[prefix + name] = f"{attr}.{name}"
+            targets[f"{attr}.{name}"] = t
+    loaded, unexpected = set(), []
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt", device="cpu")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"cannot read {f.name} in {folder}: {e}",
+                                  "the file is truncated or corrupt; download it again") from e
+        with handle:
+            for key in handle.keys():
+                k = adapter.strip(key)
+                if k is None or k.endswith("rotary_emb.inv_freq"):
+                    continue
+                if k == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                ours = by_ckpt.get(k)
+                if ours is None:
+                    unexpected.append(key)
+                    continue
+                try:
+                    src = handle.get_tensor(key)
+                except Exception as e:  # noqa: BLE001
+                    raise CheckpointError(f"cannot read tensor {key!r} from {f.name}: {e}",
+                                          "the file is truncated or corrupt; download it again") from e
+                dst = targets[ours]
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise CheckpointError(f"tensor {key!r} has shape {tuple(src.shape)} but the config implies "
+                                          f"{tuple(dst.shape)}", "config.json and the weights belong to different models")
+                with torch.no_grad():
+                    dst.copy_(src)
+                loaded.add(ours)
+                del src
+    missing = sorted(set(targets) - loaded - _non_weight_entries(model, adapter))
+    if missing:
+        raise CheckpointError(
+            f"{folder} lacks {len(missing)} tensors the model needs (e.g. {missing[:3]})",
+            "the checkpoint is truncated or of another model; download it again or pick the matching folder",
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"{folder} has {len(unexpected)} tensors this {adapter.name} model does not use (e.g. {unexpected[:3]})",
+            "check that config.json belongs to these weights",
+        )
+
+
+def _non_weight_entries(model, adapter) -> set[str]:
+    """Persistent buffers of the towers that checkpoints do not store (none known today)."""
+    out = set()
+    for attr in adapter.towers:
+        for name, _ in getattr(model, attr).named_buffers():
+            out.add(f"{attr}.{name}")
+    return out

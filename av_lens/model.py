@@ -1,0 +1,395 @@
+"""HookedAVTransformer: an audio-visual LLM's language backbone as a TransformerLens-style hooked model.
+
+The data path of one forward, each step a hook point::
+
+    AVInput ──► audio tower ──► audio_encoder.hook_out ─┐          (native transformers encoders,
+            ──► vision tower ─► image/video_encoder.* ───┤           run unchanged)
+            ──► embed(token ids)                         ▼
+                 hook_audio_embed / hook_image_embed / hook_video_embed   (scattered into placeholders)
+                 hook_embed  (= resid_pre of layer 0)
+                 blocks.{l}: hook_resid_pre ─ ln1 ─ attn (hook_q/k/v, rot_q/k, attn_scores, pattern, z, result)
+                             ─ hook_attn_out ─ hook_resid_mid ─ ln2 ─ mlp (hook_pre, hook_post) ─ hook_mlp_out
+                             ─ hook_resid_post
+                 ln_final (hook_scale, hook_normalized) ─ unembed ─► logits
+
+Every run knows its :class:`~av_lens.layout.ModalityLayout` (``inputs.layout``, ``cache.layout``, and
+``model.run_state`` while hooks execute), so hooks can select audio, video or generated positions.
+
+The class is a :class:`transformer_lens.hook_points.HookedRootModule`: ``run_with_hooks``,
+``run_with_cache`` (returning an :class:`AVActivationCache`, a TransformerLens ``ActivationCache`` that
+also carries the layout), ``hooks()`` and TransformerLens's ``patching`` helpers work as on a
+HookedTransformer. Weights are not processed (no LayerNorm folding, no centering): activations and
+ablations are those of the original model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.ActivationCache import ActivationCache
+from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from av_lens.adapters.base import Adapter
+from av_lens.components import EncoderHooks, RMSNorm, TransformerBlock
+from av_lens.components.attention import AttnContext, KVCache
+from av_lens.components.embed import Embed, Unembed
+from av_lens.config import AVConfig
+from av_lens.errors import InputError, LayoutError, unknown_hook_error
+from av_lens.inputs import AVInput
+from av_lens.layout import MediaSpec, ModalityLayout, build_layout
+
+_MEDIA_KINDS = ("audio", "image", "video")
+
+
+@dataclass
+class RunState:
+    """What the model is running right now, for hooks that need it (``model.run_state``).
+
+    ``layout`` covers all positions seen so far (prompt and generated); the current forward computes the
+    positions ``query_start .. query_start + n_query - 1`` (0 and the full length for a prefill; the cache
+    length and 1 for each decoding step)."""
+
+    layout: ModalityLayout
+    query_start: int
+    n_query: int
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.query_start > 0
+
+
+class AVActivationCache(ActivationCache):
+    """TransformerLens's ActivationCache, plus the modality layout of the run that filled it."""
+
+    def __init__(self, cache_dict: dict[str, Tensor], model: "HookedAVTransformer", layout: ModalityLayout | None,
+                 has_batch_dim: bool = True):
+        super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
+        self.layout = layout
+
+
+class HookedAVTransformer(HookedRootModule):
+    """A hooked audio-visual LLM thinker. Build it with :meth:`from_pretrained`."""
+
+    def __init__(self, cfg: AVConfig, adapter: Adapter, hf_config: Any, tokenizer=None, processor=None):
+        super().__init__()
+        self.cfg, self.adapter, self.hf_config = cfg, adapter, hf_config
+        self.tokenizer, self.processor = tokenizer, processor
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_audio_embed = HookPoint()  # [n_audio_tokens, d_model]: audio tower output entering the stream
+        self.hook_image_embed = HookPoint()  # [n_image_tokens, d_model]
+        self.hook_video_embed = HookPoint()  # [n_video_tokens, d_model]
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]: merged embeddings = resid_pre of layer 0
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)])
+        self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, tied_to=self.embed if cfg.tie_word_embeddings else None)
+        for name, tower in adapter.build_towers(hf_config).items():
+            setattr(self, name, tower)
+        self.audio_encoder = EncoderHooks(len(adapter.encoder_layers(self.audio_tower, "audio")))
+        self.image_encoder = EncoderHooks(len(adapter.encoder_layers(self.visual, "vision")))
+        self.video_encoder = EncoderHooks(len(adapter.encoder_layers(self.visual, "vision")))
+        # The rotary module is kept out of the module tree so that model.to(dtype) leaves its fp32 tables alone.
+        object.__setattr__(self, "_rotary", adapter.build_rotary(hf_config))
+        self.run_state: RunState | None = None
+        self.setup()
+
+    # ------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32,
+                        device: str | torch.device = "cpu", model_config: str | None = None,
+                        local_files_only: bool | None = None) -> "HookedAVTransformer":
+        """Load a thinker from a hub id or a local folder (safetensors only), converting weights as they stream.
+
+        ``model_config`` names a YAML in ``model_configs/`` to check the checkpoint against (chosen
+        automatically for known hub ids such as ``Qwen/Qwen2.5-Omni-3B``).
+        """
+        from av_lens.loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, model_config=model_config,
+                               local_files_only=local_files_only)
+
+    # ------------------------------------------------------------------------------------------- device
+    def to(self, *args, **kwargs) -> "HookedAVTransformer":
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        out = super().to(*args, **kwargs)
+        if device is not None:
+            self.cfg.device = torch.device(device)
+        if dtype is not None:
+            self.cfg.dtype = dtype
+        return out
+
+    def cuda(self, device=None):
+        return self.to("cuda" if device is None else f"cuda:{device}" if isinstance(device, int) else device)
+
+    def cpu(self):
+        return self.to("cpu")
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.W_E.device
+
+    # ------------------------------------------------------------------------------------------- inputs
+    def prepare(self, text: str | list[str] | None = None, **kwargs) -> AVInput:
+        """Build an :class:`AVInput` from raw media through the native processor. See :func:`av_lens.processing.prepare`."""
+        from av_lens.processing import prepare
+
+        return prepare(self, text, **kwargs)
+
+    def to_input(self, x: AVInput | Tensor | str | list[str] | Mapping, *, use_audio_in_video: bool | None = None) -> AVInput:
+        """Coerce what a caller passed (AVInput, token ids, a string, a processor-output dict) to an AVInput."""
+        if isinstance(x, AVInput):
+            return x
+        if isinstance(x, (str, list)) and (isinstance(x, str) or all(isinstance(s, str) for s in x)):
+            return self.prepare(x, chat=False)
+        if isinstance(x, Mapping):
+            return AVInput.from_processor_output(
+                x, self.cfg.tokens, use_audio_in_video=bool(use_audio_in_video),
+                spatial_merge_size=self.cfg.spatial_merge_size,
+                position_id_per_seconds=self.cfg.position_id_per_seconds, seconds_per_chunk=self.cfg.seconds_per_chunk,
+            ).to(self.device)
+        if isinstance(x, Tensor):
+            return AVInput.from_processor_output({"input_ids": x}, self.cfg.tokens,
+                                                 spatial_merge_size=self.cfg.spatial_merge_size)
+        raise InputError(f"cannot run the model on a {type(x).__name__}",
+                         "pass an AVInput from model.prepare(...), token ids [batch, pos], a string, or a processor dict")
+
+    def _check_input(self, inp: AVInput) -> None:
+        dev = self.device
+        for name, t in [("input_ids", inp.input_ids), *inp.media_tensors().items(), *inp.encoder_outputs.items()]:
+            if t.device.type != dev.type or (dev.index is not None and t.device.index not in (None, dev.index)):
+                raise InputError(f"input tensor {name!r} is on {t.device} but the model is on {dev}",
+                                 "move the inputs with `inputs = inputs.to(model.cfg.device)`")
+        for kind, t in inp.encoder_outputs.items():
+            if t.dtype != self.cfg.dtype:
+                raise InputError(f"precomputed {kind} encoder outputs are {t.dtype} but the model runs in {self.cfg.dtype}",
+                                 "recompute them with model.encode(inputs) after changing the model's dtype")
+        if int(inp.input_ids.max()) >= self.cfg.d_vocab or int(inp.input_ids.min()) < 0:
+            raise InputError(f"token ids range over [{int(inp.input_ids.min())}, {int(inp.input_ids.max())}] but the "
+                             f"vocabulary has {self.cfg.d_vocab} entries",
+                             "tokenize with this model's tokenizer (model.tokenizer / model.prepare)")
+
+    # ------------------------------------------------------------------------------------------- encoders
+    def encode(self, inputs: AVInput) -> AVInput:
+        """Run the audio/vision towers once and return inputs that carry their outputs (for sweeps)."""
+        inputs = self.to_input(inputs)
+        outs = dict(inputs.encoder_outputs)
+        for kind in _MEDIA_KINDS:
+            if kind not in outs and self._has_media(inputs, kind):
+                outs[kind] = self.adapter.encode[kind](self, inputs).to(self.cfg.dtype)
+        return inputs.with_encoder_outputs(outs)
+
+    @staticmethod
+    def _has_media(inp: AVInput, kind: str) -> bool:
+        return {"audio": inp.input_features, "image": inp.pixel_values, "video": inp.pixel_values_videos}[kind] is not None
+
+    def _token_id(self, kind: str) -> int:
+        return getattr(self.cfg.tokens, kind)
+
+    def embed_input(self, inp: AVInput) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings with the encoder outputs scattered into their placeholder positions (before hook_embed)."""
+        ids = inp.input_ids
+        embeds = self.embed(ids)
+        for kind in _MEDIA_KINDS:
+            if kind in inp.encoder_outputs:
+                feats = inp.encoder_outputs[kind]
+            elif self._has_media(inp, kind):
+                feats = self.adapter.encode[kind](self, inp)
+            else:
+                feats = None
+            where = ids == self._token_id(kind)
+            n_slots = int(where.sum())
+            if feats is None:
+                if n_slots:
+                    raise LayoutError(f"the text has {n_slots} {kind} placeholder tokens but no {kind} input",
+                                      f"pass the {kind} media to model.prepare(...) with the text")
+                continue
+            if feats.shape[0] != n_slots:
+                raise LayoutError(f"{kind} encoder produced {feats.shape[0]} tokens but the text has {n_slots} "
+                                  f"{kind} placeholders", "let model.prepare(...) expand the placeholders for this media")
+            feats = getattr(self, f"hook_{kind}_embed")(feats.to(embeds.dtype))
+            embeds = embeds.masked_scatter(where[..., None], feats)
+        return embeds
+
+    # ------------------------------------------------------------------------------------------- forward
+    def _rotary_tables(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        rot = self._rotary
+        if rot.inv_freq.device != x.device:
+            rot.to(x.device)
+        return rot(x, position_ids)
+
+    @staticmethod
+    def _additive_mask(key_mask: Tensor, n_query: int, dtype: torch.dtype) -> Tensor | None:
+        """[batch, 1, q, k] additive mask (0 or dtype-min) for causal attention over the last ``n_query`` keys;
+        None when nothing but causality is masked (the fast path)."""
+        B, K = key_mask.shape
+        if n_query == K and bool(key_mask.all()):
+            return None
+        q_abs = torch.arange(K - n_query, K, device=key_mask.device)
+        allowed = (torch.arange(K, device=key_mask.device)[None, :] <= q_abs[:, None])[None] & key_mask[:, None, :].bool()
+        mask = torch.zeros(B, 1, n_query, K, dtype=dtype, device=key_mask.device)
+        return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+    def run_backbone(self, resid: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "3 batch pos"],
+                     key_mask: Int[Tensor, "batch key_pos"], cache: KVCache | None = None,
+                     stop_at_layer: int | None = None) -> Tensor:
+        """The decoder stack on merged embeddings: hook_embed, the blocks, the final norm and unembedding."""
+        resid = self.hook_embed(resid)
+        cos, sin = self._rotary_tables(resid, position_ids)
+        ctx = AttnContext(cos=cos, sin=sin, mask=self._additive_mask(key_mask, resid.shape[1], resid.dtype), cache=cache)
+        for block in self.blocks[:stop_at_layer]:
+            resid = block(resid, ctx)
+        if stop_at_layer is not None:
+            return resid
+        return self.unembed(self.ln_final(resid))
+
+    def forward(self, input: AVInput | Tensor | str | list[str] | Mapping,
+                return_type: Literal["logits", "loss", "both"] | None = "logits",
+                stop_at_layer: int | None = None, loss_per_token: bool = False):
+        """Run the model. ``input`` is usually an :class:`AVInput` from :meth:`prepare`.
+
+        Returns logits [batch, pos, d_vocab] (``return_type="logits"``), the mean next-token loss over real
+        tokens (``"loss"``), both, or None; with ``stop_at_layer=l`` the residual stream entering layer l.
+        """
+        inp = self.to_input(input)
+        self._check_input(inp)
+        dev = self.device
+        self.run_state = RunState(inp.layout, 0, inp.input_ids.shape[1])
+        try:
+            embeds = self.embed_input(inp)
+            out = self.run_backbone(embeds, inp.layout.position_ids.to(dev), inp.attention_mask.to(dev),
+                                    stop_at_layer=stop_at_layer)
+        finally:
+            self.run_state = None
+        if stop_at_layer is not None or return_type == "logits":
+            return out
+        if return_type is None:
+            return None
+        loss = self.loss_fn(out, inp, per_token=loss_per_token)
+        return loss if return_type == "loss" else (out, loss)
+
+    @staticmethod
+    def loss_fn(logits: Tensor, inp: AVInput, per_token: bool = False) -> Tensor:
+        """Next-token cross-entropy on positions whose target is a real text token."""
+        targets = inp.input_ids[:, 1:]
+        lp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+        valid = inp.attention_mask[:, 1:].bool() & inp.attention_mask[:, :-1].bool()
+        if per_token:
+            return -lp * valid
+        return -(lp * valid).sum() / valid.sum().clamp(min=1)
+
+    # ------------------------------------------------------------------------------------------- hooks & cache
+    def _enable_hook_with_name(self, name: str, hook, dir):
+        if name not in self.hook_dict:
+            raise unknown_hook_error(name, self.hook_dict)
+        return super()._enable_hook_with_name(name, hook, dir)
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        if isinstance(name, str) and name not in self.hook_dict:
+            raise unknown_hook_error(name, self.hook_dict)
+        return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def _check_names_filter(self, names_filter) -> None:
+        names = [names_filter] if isinstance(names_filter, str) else names_filter
+        if isinstance(names, (list, tuple)):
+            for n in names:
+                if n not in self.hook_dict:
+                    raise unknown_hook_error(n, self.hook_dict)
+
+    def run_with_cache(self, *model_args, names_filter=None, return_cache_object: bool = True,
+                       remove_batch_dim: bool = False, **kwargs):
+        """Run and cache activations; returns ``(output, AVActivationCache)`` whose ``.layout`` is the run's layout."""
+        self._check_names_filter(names_filter)
+        if model_args and not isinstance(model_args[0], AVInput):
+            model_args = (self.to_input(model_args[0]), *model_args[1:])
+        out, cache_dict = super().run_with_cache(*model_args, names_filter=names_filter,
+                                                 remove_batch_dim=remove_batch_dim, **kwargs)
+        if not return_cache_object:
+            return out, cache_dict
+        layout = model_args[0].layout if model_args else None
+        return out, AVActivationCache(cache_dict, self, layout, has_batch_dim=not remove_batch_dim)
+
+    # ------------------------------------------------------------------------------------------- generation
+    def generate(self, inputs: AVInput, max_new_tokens: int = 32, **kwargs):
+        """Greedy or sampled continuation with a KV cache; hooks stay active at every step.
+        See :func:`av_lens.generation.generate`."""
+        from av_lens.generation import generate
+
+        return generate(self, inputs, max_new_tokens=max_new_tokens, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- TL surface
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return self.unembed.b_U
+
+    def _stack(self, attr: str) -> Tensor:
+        part, name = attr.split(".")
+        return torch.stack([getattr(getattr(b, part), name) for b in self.blocks], dim=0)
+
+    W_Q = property(lambda self: self._stack("attn.W_Q"))
+    W_K = property(lambda self: self._stack("attn.W_K"))
+    W_V = property(lambda self: self._stack("attn.W_V"))
+    W_O = property(lambda self: self._stack("attn.W_O"))
+    b_Q = property(lambda self: self._stack("attn.b_Q"))
+    b_K = property(lambda self: self._stack("attn.b_K"))
+    b_V = property(lambda self: self._stack("attn.b_V"))
+    b_O = property(lambda self: self._stack("attn.b_O"))
+    W_in = property(lambda self: self._stack("mlp.W_in"))
+    W_gate = property(lambda self: self._stack("mlp.W_gate"))
+    W_out = property(lambda self: self._stack("mlp.W_out"))
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """Sum of the output biases written to the residual stream before ``layer``: zero for Qwen2 (no o_proj or
+        MLP output biases; value biases act through the attention pattern and are part of each head's result)."""
+        return torch.zeros(self.cfg.d_model, device=self.device, dtype=self.cfg.dtype)
+
+    def tokens_to_residual_directions(self, tokens: int | str | Tensor) -> Tensor:
+        """Residual directions (in the final norm's *normalised* space) whose dot product gives each token's logit:
+        ``ln_final.w * W_U[:, token]``. With TransformerLens's ``apply_ln_to_stack`` (which divides by the cached
+        scale but does not apply the weight), logit attributions then sum exactly to the logits."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        w = self.ln_final.w
+        if isinstance(tokens, int):
+            return self.W_U[:, tokens] * w
+        tokens = torch.as_tensor(tokens, device=self.device)
+        return self.unembed.weight_matrix[tokens] * w
+
+    def to_tokens(self, text: str | list[str]) -> Tensor:
+        """Plain tokenisation (no chat template, no media) to a [batch, pos] tensor on the model's device."""
+        self._need_tokenizer()
+        enc = self.tokenizer([text] if isinstance(text, str) else text, return_tensors="pt", padding=True)
+        return enc["input_ids"].to(self.device)
+
+    def to_single_token(self, text: str) -> int:
+        self._need_tokenizer()
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise InputError(f"{text!r} is {len(ids)} tokens ({ids}), not one",
+                             "pick a string the tokenizer keeps whole, or pass a token id")
+        return int(ids[0])
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        self._need_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 2:
+            return [self.tokenizer.decode(t) for t in tokens]
+        return self.tokenizer.decode(tokens)
+
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer", "load it with from_pretrained from a folder that has one")
