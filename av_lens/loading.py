@@ -112,7 +112,8 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
     tokenizer, processor = _load_tokenizer_and_processor(folder)
     spec = get_spec(model_config) if model_config is not None else find_spec(name_or_path)
     cfg = adapter.to_av_config(thinker_cfg, tokenizer, dtype=dtype, device=device, model_name=str(name_or_path),
-                               system_prompt=spec.system_prompt if spec else None)
+                               system_prompt=spec.system_prompt if spec else None,
+                               extra={"spec": spec.name} if spec else {})
     if spec is not None:
         if spec.adapter != adapter.name:
             raise CheckpointError(f"{folder} is a {adapter.name} checkpoint but {spec.name} needs {spec.adapter}",
