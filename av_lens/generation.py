@@ -79,34 +79,26 @@ def generate(model, inputs: AVInput, max_new_tokens: int = 32, *, do_sample: boo
     from tqdm.auto import tqdm
 
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        try:
-            model.run_state = _state(layout, 0, layout.shape[1])
+        with model.running(layout, 0, layout.shape[1]):
             logits = model.run_backbone(model.embed_input(inp), layout.position_ids.to(dev), key_mask, cache=cache)
-            for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-                last = logits[:, -1]
-                if return_logits:
-                    step_logits.append(last.float().cpu())
-                tok = _sample(last, do_sample, temperature, top_k, top_p, gen)
-                tok = torch.where(finished, torch.full_like(tok, pad), tok)
-                new_tokens.append(tok)
-                if stop_at_eos and eos:
-                    finished |= torch.isin(tok, torch.tensor(eos, device=dev))
-                layout = layout.extend(1, tok[:, None].cpu())
-                if step == max_new_tokens - 1 or (stop_at_eos and bool(finished.all())):
-                    break
-                key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=key_mask.dtype, device=dev)], 1)
-                model.run_state = _state(layout, layout.shape[1] - 1, 1)
+        for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
+            last = logits[:, -1]
+            if return_logits:
+                step_logits.append(last.float().cpu())
+            tok = _sample(last, do_sample, temperature, top_k, top_p, gen)
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            new_tokens.append(tok)
+            if stop_at_eos and eos:
+                finished |= torch.isin(tok, torch.tensor(eos, device=dev))
+            layout = layout.extend(1, tok[:, None].cpu())
+            if step == max_new_tokens - 1 or (stop_at_eos and bool(finished.all())):
+                break
+            key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=key_mask.dtype, device=dev)], 1)
+            with model.running(layout, layout.shape[1] - 1, 1):
                 logits = model.run_backbone(model.embed(tok[:, None]), layout.position_ids[:, :, -1:].to(dev),
                                             key_mask, cache=cache)
-        finally:
-            model.run_state = None
     new = torch.stack(new_tokens, dim=1)
     text = [model.tokenizer.decode(t, skip_special_tokens=True) for t in new.cpu()] if model.tokenizer else None
     return Generation(sequences=torch.cat([inp.input_ids, new], 1), new_tokens=new, text=text, layout=layout,
                       logits=step_logits if return_logits else None)
 
-
-def _state(layout: ModalityLayout, start: int, n: int):
-    from av_lens.model import RunState
-
-    return RunState(layout, start, n)

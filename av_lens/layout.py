@@ -438,33 +438,27 @@ class ModalityLayout:
         out["generated"] = int((self.is_generated[batch] & (self.modality[batch] != int(Modality.PAD))).sum())
         return out
 
+    def _kind(self, batch: int, p: int, with_time: bool) -> str:
+        m = Modality(int(self.modality[batch, p]))
+        if m is Modality.SPECIAL:
+            return f"<{self.special_names.get(int(self.token_ids[batch, p]), 'special')}>"
+        if m is Modality.PAD:
+            return "pad"
+        if p >= self.prompt_len:
+            return "generated"
+        if m is Modality.TEXT:
+            return "text"
+        label = f"{m.name.lower()} {int(self.item[batch, p])}"
+        t = float(self.time[batch, p])
+        return label + (f" @{t:.2f}s" if with_time and not math.isnan(t) else "")
+
     def labels(self, batch: int = 0) -> list[str]:
         """One short label per position ("text", "audio 0 @1.24s", "video 0 @2.00s", "<vision_bos>", ...)."""
-        out = []
-        for p in range(len(self)):
-            m = Modality(int(self.modality[batch, p]))
-            tid = int(self.token_ids[batch, p])
-            if m is Modality.SPECIAL:
-                out.append(f"<{self.special_names.get(tid, 'special')}>")
-            elif m in (Modality.AUDIO, Modality.VIDEO):
-                out.append(f"{m.name.lower()} {int(self.item[batch, p])} @{float(self.time[batch, p]):.2f}s")
-            elif m is Modality.IMAGE:
-                out.append(f"image {int(self.item[batch, p])}")
-            else:
-                out.append("generated" if p >= self.prompt_len else m.name.lower())
-        return out
+        return [self._kind(batch, p, with_time=True) for p in range(len(self))]
 
     def summary(self, batch: int = 0) -> str:
         """A run-length table of the sample: kind, index range, count, first/last 3-D position, times."""
-        kinds = []
-        for p in range(len(self)):
-            m = Modality(int(self.modality[batch, p]))
-            if m is Modality.SPECIAL:
-                kinds.append(f"<{self.special_names.get(int(self.token_ids[batch, p]), 'special')}>")
-            elif p >= self.prompt_len and m is not Modality.PAD:
-                kinds.append("generated")
-            else:
-                kinds.append(m.name.lower() + (f" {int(self.item[batch, p])}" if int(self.item[batch, p]) >= 0 else ""))
+        kinds = [self._kind(batch, p, with_time=False) for p in range(len(self))]
         lines = [f"{'kind':16s} {'index':>11s} {'n':>5s}  {'pos (t,h,w) first .. last':32s} time"]
         s = 0
         for i in range(1, len(kinds) + 1):

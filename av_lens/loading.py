@@ -198,7 +198,7 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
 
 
 def _non_weight_entries(model, adapter) -> set[str]:
-    """Persistent buffers of the towers that checkpoints do not store (none known today)."""
+    """Tower buffers: computed when the towers are built (position tables), so a checkpoint need not hold them."""
     out = set()
     for attr in adapter.towers:
         for name, _ in getattr(model, attr).named_buffers():

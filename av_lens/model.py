@@ -24,6 +24,7 @@ ablations are those of the original model.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -260,19 +261,25 @@ class HookedAVTransformer(HookedRootModule):
         inp = self.to_input(input)
         self._check_input(inp)
         dev = self.device
-        self.run_state = RunState(inp.layout, 0, inp.input_ids.shape[1])
-        try:
+        with self.running(inp.layout, 0, inp.input_ids.shape[1]):
             embeds = self.embed_input(inp)
             out = self.run_backbone(embeds, inp.layout.position_ids.to(dev), inp.attention_mask.to(dev),
                                     stop_at_layer=stop_at_layer)
-        finally:
-            self.run_state = None
         if stop_at_layer is not None or return_type == "logits":
             return out
         if return_type is None:
             return None
         loss = self.loss_fn(out, inp, per_token=loss_per_token)
         return loss if return_type == "loss" else (out, loss)
+
+    @contextlib.contextmanager
+    def running(self, layout: ModalityLayout, query_start: int, n_query: int):
+        """Expose what is being computed to hooks as ``model.run_state`` for the duration of one forward."""
+        self.run_state = RunState(layout, query_start, n_query)
+        try:
+            yield self.run_state
+        finally:
+            self.run_state = None
 
     @staticmethod
     def loss_fn(logits: Tensor, inp: AVInput, per_token: bool = False) -> Tensor:
