@@ -79,7 +79,7 @@ def generate(model, inputs: AVInput, max_new_tokens: int = 32, *, do_sample: boo
     from tqdm.auto import tqdm
 
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        with model.running(layout, 0, layout.shape[1]):
+        with model.running(layout, 0, layout.shape[1], cache):
             logits = model.run_backbone(model.embed_input(inp), layout.position_ids.to(dev), key_mask, cache=cache)
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
             last = logits[:, -1]
@@ -94,7 +94,7 @@ def generate(model, inputs: AVInput, max_new_tokens: int = 32, *, do_sample: boo
             if step == max_new_tokens - 1 or (stop_at_eos and bool(finished.all())):
                 break
             key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=key_mask.dtype, device=dev)], 1)
-            with model.running(layout, layout.shape[1] - 1, 1):
+            with model.running(layout, layout.shape[1] - 1, 1, cache):
                 logits = model.run_backbone(model.embed(tok[:, None]), layout.position_ids[:, :, -1:].to(dev),
                                             key_mask, cache=cache)
     new = torch.stack(new_tokens, dim=1)

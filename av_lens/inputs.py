@@ -116,6 +116,26 @@ class AVInput:
         kw["encoder_outputs"] = {k: v.to(device) for k, v in self.encoder_outputs.items()}
         return replace(self, **kw)
 
+    def extend(self, tokens: Int[Tensor, "batch new"]) -> "AVInput":
+        """This input followed by ``tokens`` as generated text (teacher forcing in one forward).
+
+        Positions continue as in :func:`av_lens.generation.generate` (the first new token one past the
+        prompt's largest position), and the layout tags them ``generated``: a forward on the result equals
+        the prefill + KV-cached decoding of the same tokens."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if tokens.ndim == 1:
+            tokens = tokens[None].expand(self.shape[0], -1)
+        if tokens.ndim != 2 or tokens.shape[0] != self.shape[0]:
+            raise InputError(f"tokens to append have shape {tuple(tokens.shape)} for a batch of {self.shape[0]}",
+                             "pass [batch, n_new] token ids (or [n_new] for the same tokens in every sample)")
+        n = tokens.shape[1]
+        layout = self.layout.extend(n, tokens.cpu())
+        return replace(
+            self, layout=layout,
+            input_ids=torch.cat([self.input_ids, tokens.to(self.input_ids.device)], 1),
+            attention_mask=torch.cat([self.attention_mask, torch.ones_like(tokens).to(self.attention_mask)], 1),
+        )
+
     def with_encoder_outputs(self, outputs: Mapping[str, Tensor]) -> "AVInput":
         return replace(self, encoder_outputs=dict(outputs))
 

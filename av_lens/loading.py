@@ -27,6 +27,24 @@ from av_lens.registry import find_spec, get_spec
 #: names of checkpoints shipped inside the package -> function returning their folder
 BUILTIN_CHECKPOINTS: dict[str, Callable[[], Path]] = {}
 
+
+def _register_organism() -> None:
+    from av_lens.organism import CHECKPOINTS, checkpoint_root
+
+    for name, sub in CHECKPOINTS.items():
+        BUILTIN_CHECKPOINTS[name] = lambda sub=sub: _embedded(checkpoint_root() / sub, name)
+
+
+def _embedded(folder: Path, name: str) -> Path:
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"the embedded checkpoint {name!r} is missing from this installation ({folder})",
+                              "reinstall av-lens, or retrain it: python -m av_lens.organism.train --out DIR "
+                              "and load DIR/organism")
+    return folder
+
+
+_register_organism()
+
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 
 

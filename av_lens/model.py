@@ -61,6 +61,7 @@ class RunState:
     layout: ModalityLayout
     query_start: int
     n_query: int
+    cache: "KVCache | None" = None  # during generate: keys/values of earlier positions (before this step's)
 
     @property
     def is_decoding(self) -> bool:
@@ -273,9 +274,9 @@ class HookedAVTransformer(HookedRootModule):
         return loss if return_type == "loss" else (out, loss)
 
     @contextlib.contextmanager
-    def running(self, layout: ModalityLayout, query_start: int, n_query: int):
+    def running(self, layout: ModalityLayout, query_start: int, n_query: int, cache: KVCache | None = None):
         """Expose what is being computed to hooks as ``model.run_state`` for the duration of one forward."""
-        self.run_state = RunState(layout, query_start, n_query)
+        self.run_state = RunState(layout, query_start, n_query, cache)
         try:
             yield self.run_state
         finally:

@@ -9,6 +9,9 @@ Hook points, in forward order (TransformerLens names and shapes):
 
 * ``hook_q`` [batch, pos, head_index, d_head], ``hook_k`` / ``hook_v`` [batch, pos, kv_head, d_head]
 * ``hook_rot_q`` / ``hook_rot_k`` — after the rotary embedding
+* ``hook_attn_mask`` [batch, 1, query_pos, key_pos] — the additive mask (0 or the dtype's minimum) this
+  layer's attention will use (causal + padding). Only materialised while hooked; a hook returns an edited
+  copy to cut edges (attention knockout) and attention keeps the fast SDPA path.
 * ``hook_attn_scores`` [batch, head_index, query_pos, key_pos] — scaled, masked, pre-softmax
 * ``hook_pattern`` [batch, head_index, query_pos, key_pos] — post-softmax
 * ``hook_z`` [batch, pos, head_index, d_head] — the pattern-weighted values
@@ -78,6 +81,7 @@ class Attention(nn.Module):
         self.scale = dh ** -0.5
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
+        self.hook_attn_mask = HookPoint()
         self.hook_attn_scores, self.hook_pattern = HookPoint(), HookPoint()
         self.hook_z, self.hook_result = HookPoint(), HookPoint()
 
@@ -145,12 +149,20 @@ class Attention(nn.Module):
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
         if ctx.cache is not None:
             kh, vh = ctx.cache.update(self.layer, kh, vh)
+        mask = ctx.mask
+        if self.hook_attn_mask.has_hooks():
+            if mask is None:
+                K = kh.shape[2]
+                causal = torch.ones(P, K, dtype=torch.bool, device=x.device).tril(K - P)
+                mask = torch.zeros(B, 1, P, K, dtype=qh.dtype, device=x.device).masked_fill(
+                    ~causal, torch.finfo(qh.dtype).min)
+            mask = self.hook_attn_mask(mask)
         if self.needs_explicit(ctx):
             kr = kh.repeat_interleave(self.cfg.n_rep, dim=1)
             vr = vh.repeat_interleave(self.cfg.n_rep, dim=1)
             scores = torch.matmul(qh, kr.transpose(2, 3)) * self.scale
-            if ctx.mask is not None:
-                scores = scores + ctx.mask
+            if mask is not None:
+                scores = scores + mask
             else:
                 K = kr.shape[2]
                 causal = torch.ones(P, K, dtype=torch.bool, device=x.device).tril(K - P)
@@ -160,7 +172,7 @@ class Attention(nn.Module):
             zh = torch.matmul(pattern, vr)
         else:
             zh = F.scaled_dot_product_attention(
-                qh, kh, vh, attn_mask=ctx.mask, is_causal=ctx.mask is None and P > 1 and kh.shape[2] == P,
+                qh, kh, vh, attn_mask=mask, is_causal=mask is None and P > 1 and kh.shape[2] == P,
                 scale=self.scale, enable_gqa=nkv != nh,
             )
         z = self.hook_z(zh.transpose(1, 2))  # [batch, pos, head, d_head]

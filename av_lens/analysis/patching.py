@@ -1,0 +1,218 @@
+"""Activation and path patching between a factual and a counterfactual run, by modality.
+
+Patching asks *where* the difference between two runs lives: run the counterfactual (corrupted) input, copy
+one activation from the factual (clean) run into it, and see how much of the clean metric comes back.
+The study's question — where does the sound's information enter the answer? — is answered per layer and per
+*modality position set*:
+
+    res = patch_by_modality(model, factual, counterfactual, metric,
+                            components=("resid_pre", "attn_out", "mlp_out"), sets=("audio", "video", "text"))
+    res["resid_pre"]          # [layer, set]: metric after patching that set's positions at that layer
+
+Built on ``transformer_lens.patching.generic_activation_patch`` (one index row per (layer, set) or
+(layer, head, set)), with a patch setter that copies the clean activation at the set's positions. The two
+inputs must be position-aligned (same length, same modality tags) — counterfactual pairs that swap the audio
+track are (see ``av_lens.analysis.pairs``). Per-position patching (``per_position=True``) uses TransformerLens's
+own ``get_act_patch_*`` functions.
+
+Path patching restricts the patch to *edges*: :func:`path_patch_hooks` replaces, in the heads of one layer,
+only the contribution that flows from sender positions (e.g. video) to receiver positions (e.g. the last
+prompt token or the generated tokens) with its clean value — z[q] gets sum_{k in S} p_clean[q,k] v_clean[k]
+instead of the corrupted run's — and leaves every other edge corrupted. Downstream layers recompute from the
+patched residual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch import Tensor
+from transformer_lens import patching as tl_patching
+
+from av_lens.analysis._common import check_layers, current_rows, selector_mask
+from av_lens.errors import InputError
+from av_lens.layout import SelectorLike
+
+#: component name -> (TransformerLens activation name, per-head?)
+COMPONENTS = {
+    "resid_pre": ("resid_pre", False), "resid_mid": ("resid_mid", False), "resid_post": ("resid_post", False),
+    "attn_out": ("attn_out", False), "mlp_out": ("mlp_out", False), "z": ("z", True),
+}
+
+
+def check_aligned(clean, corrupted) -> None:
+    """Refuse inputs whose positions do not correspond one to one."""
+    a, b = clean.layout, corrupted.layout
+    if a.shape != b.shape:
+        raise InputError(f"the clean input has {a.shape[1]} positions and the corrupted {b.shape[1]} "
+                         f"(clean {a.counts()}, corrupted {b.counts()})",
+                         "patch between position-aligned inputs: build the pair with the same media lengths "
+                         "(av_lens.analysis.pairs.counterfactual_pair trims the swapped audio)")
+    if not torch.equal(a.modality, b.modality):
+        diff = int((a.modality != b.modality).sum())
+        raise InputError(f"the two inputs have the same length but {diff} positions with different modality tags",
+                         "use inputs with the same layout (same prompt template and media token counts)")
+
+
+@dataclass
+class PatchResult:
+    """Patched metric per component: [layer, set] or [layer, head, set]; with the clean and corrupted metrics."""
+
+    values: dict[str, Tensor]
+    sets: list[str]
+    layers: list[int]
+    clean: float
+    corrupted: float
+
+    def __getitem__(self, component: str) -> Tensor:
+        return self.values[component]
+
+    def recovered(self, component: str) -> Tensor:
+        """Fraction of the clean-corrupted metric gap the patch restores (1 = all of it)."""
+        gap = self.clean - self.corrupted
+        if abs(gap) < 1e-12:
+            raise InputError("the clean and corrupted metrics are equal, so recovery is undefined",
+                             "choose a metric that separates the two runs")
+        return (self.values[component] - self.corrupted) / gap
+
+
+def _set_masks(layout, sets: dict[str, SelectorLike]) -> list[Tensor]:
+    return [selector_mask(layout, s, f"patching set '{name}'") for name, s in sets.items()]
+
+
+def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
+                      components: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
+                      sets: Sequence[str] | dict[str, SelectorLike] = ("audio", "video", "text"),
+                      layers=None) -> PatchResult:
+    """Patch each component at each layer, at the positions of each set, from ``clean`` into ``corrupted``."""
+    clean, corrupted = model.encode(model.to_input(clean)), model.encode(model.to_input(corrupted))
+    check_aligned(clean, corrupted)
+    sets = {s: s for s in sets} if not isinstance(sets, dict) else dict(sets)
+    if not sets:
+        raise InputError("no position sets given", "pass e.g. sets=('audio', 'video', 'text')")
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise InputError(f"unknown patching components {unknown}", f"use some of {sorted(COMPONENTS)}")
+    layers = check_layers(model, layers)
+    masks = _set_masks(clean.layout, sets)
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(clean, names_filter=lambda n: any(
+            n.endswith("hook_" + COMPONENTS[c][0]) for c in components))
+        clean_metric = float(metric(clean_logits))
+        corrupted_metric = float(metric(model(corrupted)))
+    values = {}
+    for comp in components:
+        act, per_head = COMPONENTS[comp]
+
+        def setter(corrupted_act, index, clean_act):
+            m = masks[index[-1]].to(corrupted_act.device)
+            if per_head:
+                h = index[1]
+                corrupted_act[:, :, h][m] = clean_act[:, :, h][m].to(corrupted_act.dtype)
+            else:
+                corrupted_act[m] = clean_act[m].to(corrupted_act.dtype)
+            return corrupted_act
+
+        rows = ([(l, h, s) for l in layers for h in range(model.cfg.n_heads) for s in range(len(sets))] if per_head
+                else [(l, s) for l in layers for s in range(len(sets))])
+        cols = ["layer", "head", "set"] if per_head else ["layer", "set"]
+        with torch.no_grad():
+            flat = tl_patching.generic_activation_patch(
+                model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits)), setter, act,
+                index_df=pd.DataFrame(rows, columns=cols))
+        shape = (len(layers), model.cfg.n_heads, len(sets)) if per_head else (len(layers), len(sets))
+        values[comp] = flat.detach().float().cpu().reshape(shape)
+    return PatchResult(values, list(sets), layers, clean_metric, corrupted_metric)
+
+
+def patch_per_position(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
+                       component: str = "resid_pre") -> Tensor:
+    """TransformerLens's per-(layer, position) patching on aligned inputs: [layer, pos]."""
+    fns = {"resid_pre": tl_patching.get_act_patch_resid_pre, "resid_mid": tl_patching.get_act_patch_resid_mid,
+           "attn_out": tl_patching.get_act_patch_attn_out, "mlp_out": tl_patching.get_act_patch_mlp_out}
+    if component not in fns:
+        raise InputError(f"per-position patching supports {sorted(fns)}, not {component!r}",
+                         "use patch_by_modality for other components")
+    clean, corrupted = model.encode(model.to_input(clean)), model.encode(model.to_input(corrupted))
+    check_aligned(clean, corrupted)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_" + component))
+        return fns[component](model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits))).cpu()
+
+
+# ------------------------------------------------------------------------------------------ path patching
+def path_patch_hooks(model, clean_cache, layer: int, senders: SelectorLike, receivers: SelectorLike,
+                     heads: Sequence[int] | None = None) -> list[tuple[str, Callable]]:
+    """Hooks for the corrupted run that give the ``senders -> receivers`` edges of ``layer``'s heads their
+    clean values. ``clean_cache`` must hold that layer's ``attn.hook_pattern`` and ``attn.hook_v``
+    (see :func:`path_patch_cache_filter`). Prefill only."""
+    (layer,) = check_layers(model, [layer], "path-patching layer")
+    heads = list(range(model.cfg.n_heads)) if heads is None else sorted(set(heads))
+    bad = [h for h in heads if not 0 <= h < model.cfg.n_heads]
+    if bad or not heads:
+        raise InputError(f"heads {bad or heads} are not valid heads of a {model.cfg.n_heads}-head layer",
+                         f"pass head indices in 0..{model.cfg.n_heads - 1}")
+    pre = f"blocks.{layer}.attn."
+    try:
+        p_clean, v_clean = clean_cache[pre + "hook_pattern"], clean_cache[pre + "hook_v"]
+    except KeyError as e:
+        raise InputError(f"the clean cache lacks {e.args[0]}",
+                         "cache with names_filter=path_patch_cache_filter(layer)") from None
+    n_rep = model.cfg.n_rep
+    state: dict[str, Tensor] = {}
+
+    def edge_sum(p, v, S, R):
+        # sum_{k in S} p[b, h, q, k] v[b, k, h // n_rep] for receiver rows q: [batch, q, head, d_head]
+        vr = v.repeat_interleave(n_rep, dim=2)  # [batch, key, head, d_head]
+        pm = p * S[:, None, None, :].to(p.dtype)
+        return torch.einsum("bhqk,bkhd->bqhd", pm, vr) * R[:, :, None, None].to(p.dtype)
+
+    def on_v(v, hook):
+        state["v"] = v
+
+    def on_pattern(p, hook):
+        state["p"] = p
+
+    def on_z(z, hook):
+        layout, qs, n = current_rows(model)
+        if qs != 0:
+            raise InputError("path patching hooks run in a prefill forward only", "use them with run_with_hooks")
+        S = selector_mask(layout, senders, "sender").to(z.device)
+        R = selector_mask(layout, receivers, "receiver").to(z.device)
+        delta = edge_sum(p_clean.to(z.device), v_clean.to(z.device), S, R) - edge_sum(state["p"], state["v"], S, R)
+        out = z.clone()
+        out[:, :, heads] = z[:, :, heads] + delta[:, :, heads].to(z.dtype)
+        state.clear()
+        return out
+
+    return [(pre + "hook_v", on_v), (pre + "hook_pattern", on_pattern), (pre + "hook_z", on_z)]
+
+
+def path_patch_cache_filter(layer: int) -> Callable[[str], bool]:
+    names = {f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.attn.hook_v"}
+    return lambda n: n in names
+
+
+def path_patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor], senders: SelectorLike,
+               receivers: SelectorLike, layers=None, heads_per_layer: bool = False) -> Tensor:
+    """Metric after patching ``senders -> receivers`` edges: [layer] (all heads at once) or [layer, head]."""
+    clean, corrupted = model.encode(model.to_input(clean)), model.encode(model.to_input(corrupted))
+    check_aligned(clean, corrupted)
+    selector_mask(clean.layout, senders, "sender")
+    selector_mask(clean.layout, receivers, "receiver")
+    layers = check_layers(model, layers)
+    names = {f"blocks.{l}.attn.hook_{a}" for l in layers for a in ("pattern", "v")}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
+        out = []
+        for l in layers:
+            hs = [[h] for h in range(model.cfg.n_heads)] if heads_per_layer else [None]
+            row = [float(metric(model.run_with_hooks(corrupted, fwd_hooks=path_patch_hooks(model, cache, l, senders,
+                                                                                               receivers, h))))
+                   for h in hs]
+            out.append(row)
+    t = torch.tensor(out)
+    return t if heads_per_layer else t[:, 0]

@@ -1,0 +1,187 @@
+"""Linear probes on residuals at a modality's positions: is the information *there*?
+
+The study's claim has two halves: audio semantics are present in the middle layers, and the output ignores
+them. The first half is a decoding question — can a linear read-out recover, say, the sound's class from
+the residual stream at the audio positions of layer l? — so a probe per layer answers it:
+
+    feats = pooled_residuals(model, inputs, "audio")            # [n_layers + 1, n_items, d_model]
+    result = probe_layers(feats, labels, seed=0)                 # held-out accuracy per layer
+    result.accuracy, result.control_accuracy, result.selectivity
+
+Features are pooled per media item (mean over that item's positions) *inside the forward* by hooks, so no
+cache of the whole residual stream is kept. Layer index 0 is the input to block 0 (the embeddings: for audio
+positions, the audio encoder's output); index l is ``blocks.{l-1}.hook_resid_post``.
+
+A probe that reaches high accuracy may just be memorising; the control task (Hewitt & Liang 2019) refits
+the same probe on labels shuffled across items — held-out accuracy then sits at chance, and *selectivity*
+(accuracy minus control accuracy) is the figure to report.
+
+The probe itself is multinomial logistic regression with an L2 penalty, fitted full-batch with L-BFGS on
+standardised features: a convex problem, so the fit is deterministic and independent of initialisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from av_lens.errors import InputError
+from av_lens.layout import SelectorLike, as_selector
+
+
+# ---------------------------------------------------------------------------------------------- features
+def pooled_residuals(model, inputs, sel: SelectorLike, *, per_item: bool = True,
+                     layers: list[int] | None = None) -> Float[Tensor, "layer item d_model"]:
+    """Residual stream at ``sel``'s positions, mean-pooled per media item (``per_item``) or per sample.
+
+    Returns ``[len(layers), n_items, d_model]``; ``layers`` index the residual stream (0 = embeddings,
+    l = after block l-1; default all ``n_layers + 1``). Items are ordered by sample, then by position."""
+    inputs = model.to_input(inputs)
+    layout = inputs.layout
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers + 1)) if layers is None else list(layers)
+    bad = [l for l in layers if not 0 <= l <= n_layers]
+    if bad:
+        raise InputError(f"residual layers {bad} are outside 0..{n_layers}",
+                         f"use 0 (embeddings) to {n_layers} (after the last block)")
+    mask = layout.mask(as_selector(sel))
+    if not mask.any():
+        raise InputError(f"selector {sel!r} matches no position in this input",
+                         f"pick a modality present in it: {layout.counts()}")
+    # group id per (sample, position): one group per media item (or per sample)
+    groups: list[tuple[int, Tensor]] = []
+    for b in range(layout.batch_size):
+        m = mask[b]
+        if not m.any():
+            continue
+        if per_item:
+            items = layout.item[b]
+            for k in torch.unique(items[m]).tolist():
+                groups.append((b, (m & (items == k)).nonzero().squeeze(-1)))
+        else:
+            groups.append((b, m.nonzero().squeeze(-1)))
+    out = torch.empty(len(layers), len(groups), model.cfg.d_model)
+    names = {("blocks.0.hook_resid_pre" if l == 0 else f"blocks.{l - 1}.hook_resid_post"): i for i, l in enumerate(layers)}
+
+    def hook(resid, hook):
+        i = names[hook.name]
+        for g, (b, pos) in enumerate(groups):
+            out[i, g] = resid[b, pos.to(resid.device)].float().mean(0).cpu()
+
+    with torch.no_grad():
+        model.run_with_hooks(inputs, fwd_hooks=[(n, hook) for n in names], return_type=None)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- probe
+class LinearProbe:
+    """Multinomial logistic regression, L2-penalised, fitted with full-batch L-BFGS on standardised inputs.
+
+    Minimises ``mean cross-entropy + l2 * ||W||^2`` (bias unpenalised)."""
+
+    def __init__(self, n_classes: int, l2: float = 1e-3, max_iter: int = 200):
+        self.n_classes, self.l2, self.max_iter = n_classes, l2, max_iter
+        self.W: Tensor | None = None
+        self.b: Tensor | None = None
+
+    def _standardise(self, X: Tensor) -> Tensor:
+        return (X - self.mu) / self.sd
+
+    def objective(self, X: Tensor, y: Tensor, W: Tensor, b: Tensor) -> Tensor:
+        logits = self._standardise(X) @ W + b
+        return torch.nn.functional.cross_entropy(logits, y) + self.l2 * (W ** 2).sum()
+
+    def fit(self, X: Float[Tensor, "n d"], y: Int[Tensor, "n"]) -> "LinearProbe":
+        X, y = X.double(), y.long()
+        if X.shape[0] != y.shape[0]:
+            raise InputError(f"{X.shape[0]} feature rows but {y.shape[0]} labels", "pass one label per row")
+        if int(y.min()) < 0 or int(y.max()) >= self.n_classes:
+            raise InputError(f"labels must lie in 0..{self.n_classes - 1}, got {int(y.min())}..{int(y.max())}",
+                             "map labels to class indices first")
+        self.mu, self.sd = X.mean(0), X.std(0).clamp_min(1e-6)
+        W = torch.zeros(X.shape[1], self.n_classes, dtype=X.dtype, requires_grad=True)
+        b = torch.zeros(self.n_classes, dtype=X.dtype, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=self.max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = self.objective(X, y, W, b)
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        self.W, self.b = W.detach(), b.detach()
+        return self
+
+    def logits(self, X: Tensor) -> Tensor:
+        if self.W is None:
+            raise InputError("the probe is not fitted", "call fit(X, y) first")
+        return self._standardise(X.double()) @ self.W + self.b
+
+    def predict(self, X: Tensor) -> Tensor:
+        return self.logits(X).argmax(-1)
+
+    def accuracy(self, X: Tensor, y: Tensor) -> float:
+        return float((self.predict(X) == y.long()).double().mean())
+
+
+@dataclass
+class ProbeResult:
+    """Held-out accuracy per layer, with the shuffled-label control and the chance level."""
+
+    layers: list[int]
+    accuracy: Tensor          # [layer]
+    control_accuracy: Tensor  # [layer]
+    train_accuracy: Tensor    # [layer]
+    chance: float             # accuracy of always predicting the most frequent training label
+    n_train: int
+    n_test: int
+
+    @property
+    def selectivity(self) -> Tensor:
+        return self.accuracy - self.control_accuracy
+
+    @property
+    def best_layer(self) -> int:
+        return self.layers[int(self.accuracy.argmax())]
+
+    def table(self) -> str:
+        rows = [f"{'layer':>5} {'acc':>6} {'control':>8} {'train':>6}"]
+        rows += [f"{l:5d} {a:6.3f} {c:8.3f} {t:6.3f}" for l, a, c, t in
+                 zip(self.layers, self.accuracy.tolist(), self.control_accuracy.tolist(), self.train_accuracy.tolist())]
+        return "\n".join(rows + [f"chance {self.chance:.3f}  (train {self.n_train}, test {self.n_test})"])
+
+
+def probe_layers(features: Float[Tensor, "layer n d"], labels: Int[Tensor, "n"], *, test_fraction: float = 0.3,
+                 n_classes: int | None = None, l2: float = 1e-3, seed: int = 0,
+                 layers: list[int] | None = None) -> ProbeResult:
+    """Fit one probe per layer on a seeded train split; report held-out and control accuracy."""
+    labels = torch.as_tensor(labels).long()
+    L, n, _ = features.shape
+    if n != labels.shape[0]:
+        raise InputError(f"{n} pooled items but {labels.shape[0]} labels", "pass one label per media item")
+    if not 0 < test_fraction < 1:
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}", "use e.g. 0.3")
+    n_test = int(round(n * test_fraction))
+    if n_test < 1 or n - n_test < 2:
+        raise InputError(f"{n} items are too few to split into train and test", "pool more clips (>= 10)")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    test, train = perm[:n_test], perm[n_test:]
+    k = int(n_classes or int(labels.max()) + 1)
+    control = labels[torch.randperm(n, generator=g)]
+    acc, ctl, tr = [], [], []
+    for l in range(L):
+        X = features[l]
+        p = LinearProbe(k, l2).fit(X[train], labels[train])
+        acc.append(p.accuracy(X[test], labels[test]))
+        tr.append(p.accuracy(X[train], labels[train]))
+        ctl.append(LinearProbe(k, l2).fit(X[train], control[train]).accuracy(X[test], control[test]))
+    chance = float((labels[test] == torch.bincount(labels[train], minlength=k).argmax()).double().mean())
+    return ProbeResult(list(layers) if layers is not None else list(range(L)), torch.tensor(acc), torch.tensor(ctl),
+                       torch.tensor(tr), chance, len(train), n_test)

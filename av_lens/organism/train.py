@@ -1,0 +1,246 @@
+"""Train the model organism: a small Qwen2.5-Omni thinker that inherits a vision bias from its VLM stage.
+
+    python -m av_lens.organism.train --out /tmp/organism        # ~10 min on 2 CPU cores
+
+The curriculum mirrors how real AVLLMs are made:
+
+* **Stage 1 — the base VLM.** Video + text only. The model learns to name what it sees and — as a VLM
+  captioning web video learns — to say what the source *sounds like* from its look ("what do you hear ?"
+  on a silent dog clip -> "bark"). The stage-1 checkpoint is kept as ``av-lens/organism-base``.
+* **Stage 2 — audio joins.** Clips with their soundtrack interleaved (``use_audio_in_video=True``), on which
+  the sound mostly agrees with the picture (``--disagree`` of them carry another class's sound, answered
+  truthfully), plus audio-only clips ("what do you hear ?" with no picture) and replayed video-only clips.
+
+Nothing is hand-set: every weight starts random (seeded) and changes only by gradient descent on these
+captions. Whether the final model follows the picture or the sound on counterfactual clips is measured
+afterwards (``av_lens.organism.evaluate``), not built in.
+
+Determinism: one seed drives data, initialisation and batch order; torch runs with 2 threads and
+deterministic algorithms, so a re-run reproduces the figures (up to float reduction order across machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from av_lens.organism import world
+from av_lens.organism.build import build_processor, build_tokenizer, thinker_config
+from av_lens.processing import AUDIO_PH, VIDEO_PH, chat_prompt
+
+
+@dataclass
+class Curriculum:
+    seed: int = 0
+    batch: int = 16
+    lr: float = 1e-3
+    stage1_steps: int = 1200
+    stage2_steps: int = 1200
+    stage1_clips: int = 2000        # distinct video-only training clips (each used with every question)
+    stage2_av_clips: int = 1200     # distinct audio-visual clips
+    stage2_audio_clips: int = 600   # distinct audio-only clips
+    disagree: float = 0.05          # fraction of stage-2 AV clips whose sound is another class's
+    mix: dict = field(default_factory=lambda: {"av": 0.5, "audio": 0.3, "video": 0.2})  # stage-2 batch mix
+    arch: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+def _prompt(mode: str, question: str) -> str:
+    media = AUDIO_PH if mode == "audio" else VIDEO_PH
+    return chat_prompt(media + world.QUESTIONS[question], system_prompt=None)
+
+
+def encode_group(proc, mode: str, question: str, clips: list[world.Clip]) -> dict[str, torch.Tensor]:
+    """Processor output for same-shaped examples (one mode, one question), stacked along the batch, with
+    ``labels`` marking the answer tokens and the closing <|im_end|>."""
+    prompt = _prompt(mode, question)
+    texts = [prompt + world.answer(question, c.look, c.sound) + "<|im_end|>" for c in clips]
+    kw: dict = dict(return_tensors="pt", padding=True)
+    if mode == "audio":
+        kw["audio"] = [c.audio for c in clips]
+    else:
+        kw["videos"] = [c.frames for c in clips]
+        kw["videos_kwargs"] = {"fps": world.FPS, "do_sample_frames": False,
+                               "size": {"shortest_edge": 28 * 28, "longest_edge": world.SIDE ** 2}}
+        if mode == "av":
+            kw["audio"] = [c.audio for c in clips]
+            kw["load_audio_from_video"] = True
+            kw["audio_from_video_indices"] = list(range(len(clips)))
+    out = dict(proc(text=texts, **kw))
+    ids = out["input_ids"]
+    n_prompt = len(proc(text=[prompt], **{k: ([v[0]] if k in ("audio", "videos") else v) for k, v in kw.items()
+                                             if k != "audio_from_video_indices"},
+                        **({"audio_from_video_indices": [0]} if mode == "av" else {}))["input_ids"][0])
+    labels = torch.full_like(ids, -100)
+    labels[:, n_prompt:] = ids[:, n_prompt:]
+    out["labels"] = labels
+    return out
+
+
+def _gather(group: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of a stacked group (per-example media tensors are equal-sized, so they reshape)."""
+    n = group["input_ids"].shape[0]
+    out = {}
+    for k, v in group.items():
+        if k in ("pixel_values_videos",):
+            per = v.shape[0] // n
+            out[k] = v.view(n, per, -1)[idx].reshape(len(idx) * per, -1)
+        else:
+            out[k] = v[idx]
+    return out
+
+
+def build_pools(proc, cur: Curriculum, log=print) -> dict[str, dict[tuple[str, str], dict]]:
+    rng = np.random.default_rng(cur.seed)
+    t0 = time.perf_counter()
+
+    def clips(n: int, disagree: float = 0.0) -> list[world.Clip]:
+        out = []
+        for _ in range(n):
+            look = int(rng.integers(world.N_CLASSES))
+            snd = look
+            if disagree and rng.random() < disagree:
+                snd = int((look + rng.integers(1, world.N_CLASSES)) % world.N_CLASSES)
+            out.append(world.make_clip(look, snd, rng))
+        return out
+
+    def groups(mode: str, cl: list[world.Clip], questions: tuple[str, ...]) -> dict:
+        res = {}
+        for q in questions:
+            parts = [encode_group(proc, mode, q, cl[i:i + 64]) for i in range(0, len(cl), 64)]
+            res[(mode, q)] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return res
+
+    qs = tuple(world.QUESTIONS)
+    pools = {"stage1": groups("video", clips(cur.stage1_clips), qs)}
+    pools["stage2"] = {**groups("av", clips(cur.stage2_av_clips, cur.disagree), qs),
+                       **groups("audio", clips(cur.stage2_audio_clips), ("hear",))}
+    pools["stage2"].update({k: v for k, v in pools["stage1"].items()})  # replay (mode "video")
+    log(f"encoded training pools in {time.perf_counter() - t0:.0f} s")
+    return pools
+
+
+# ------------------------------------------------------------------------------------------------ training
+def _step(model, opt, batch: dict, mode: str) -> tuple[float, float]:
+    """One optimiser step; returns (loss, accuracy of the first answer token in this batch)."""
+    out = model(**batch, use_audio_in_video=(mode == "av"))
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    labels = batch["labels"]
+    first = (labels != -100).float().argmax(-1)  # first answer position
+    rows = torch.arange(labels.shape[0])
+    acc = (out.logits[rows, first - 1].argmax(-1) == labels[rows, first]).float().mean()
+    return float(out.loss.detach()), float(acc)
+
+
+def _run_stage(model, opt, sched, pools: dict, steps: int, weights: dict[str, float], cur: Curriculum,
+               gen: torch.Generator, tag: str, log=print) -> None:
+    keys = sorted(pools)
+    w = torch.tensor([weights[m] / sum(1 for k in keys if k[0] == m) for m, _ in keys])
+    t0, run = time.perf_counter(), []
+    for it in range(steps):
+        key = keys[int(torch.multinomial(w, 1, generator=gen))]
+        group = pools[key]
+        idx = torch.randint(group["input_ids"].shape[0], (cur.batch,), generator=gen)
+        run.append(_step(model, opt, _gather(group, idx), key[0]))
+        sched.step()
+        if (it + 1) % 100 == 0 or it == steps - 1:
+            loss, acc = np.mean(run, axis=0)
+            log(f"{tag} step {it + 1:4d}/{steps}  loss {loss:.3f}  first-answer-token acc {acc:.2f}  "
+                f"{time.perf_counter() - t0:.0f} s")
+            run = []
+
+
+def save_checkpoint(model, proc, folder: Path, meta: dict) -> None:
+    """Write atomically: into a temporary sibling folder, then rename over ``folder``."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        proc.save_pretrained(tmp)
+        (tmp / "organism.json").write_text(json.dumps(meta, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def train(out: Path, cur: Curriculum, evaluate: bool = True, log=print) -> dict:
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    t_start = time.perf_counter()
+    tok = build_tokenizer()
+    proc = build_processor(tok)
+    torch.manual_seed(cur.seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(tok, cur.arch))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"organism: {n_params / 1e6:.2f} M parameters")
+    pools = build_pools(proc, cur, log)
+    gen = torch.Generator().manual_seed(cur.seed)
+    total = cur.stage1_steps + cur.stage2_steps
+    opt = torch.optim.AdamW(model.parameters(), lr=cur.lr, weight_decay=0.0)
+    warm = 50
+
+    def lr_at(step: int) -> float:  # per stage: warm-up, constant, linear decay to 10% over the last 30%
+        s1 = cur.stage1_steps
+        a, n = (step, s1) if step < s1 else (step - s1, cur.stage2_steps)
+        tail = max(0.0, (a - 0.7 * n) / max(0.3 * n, 1))
+        return min(1.0, (a + 1) / warm) * (1.0 - 0.9 * min(tail, 1.0))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    _run_stage(model, opt, sched, pools["stage1"], cur.stage1_steps, {"video": 1.0}, cur, gen, "stage1", log)
+    meta = {"curriculum": asdict(cur), "n_params": n_params}
+    out = Path(out)
+    model.eval()
+    save_checkpoint(model, proc, out / "organism-base", {**meta, "stage": 1})
+    model.train()
+    _run_stage(model, opt, sched, pools["stage2"], cur.stage2_steps, cur.mix, cur, gen, "stage2", log)
+    model.eval()
+    seconds = time.perf_counter() - t_start
+    save_checkpoint(model, proc, out / "organism", {**meta, "stage": 2, "train_seconds": round(seconds, 1)})
+    log(f"trained both stages in {seconds:.0f} s")
+    result = {"train_seconds": seconds}
+    if evaluate:
+        from av_lens.organism.evaluate import evaluate_and_record
+
+        result["eval"] = evaluate_and_record(out, log=log)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder to write organism/ and organism-base/ into")
+    for f in Curriculum.__dataclass_fields__.values():
+        if f.type in ("int", "float"):
+            p.add_argument("--" + f.name.replace("_", "-"), type=eval(f.type), default=f.default)
+    p.add_argument("--mix", type=json.loads, default=None, help='stage-2 batch mix, e.g. \'{"av":0.5,"audio":0.3,"video":0.2}\'')
+    p.add_argument("--no-eval", action="store_true")
+    a = p.parse_args(argv)
+    cur = Curriculum(**{k: getattr(a, k) for k in Curriculum.__dataclass_fields__ if k not in ("mix", "arch")})
+    if a.mix:
+        cur.mix = a.mix
+    train(Path(a.out), cur, evaluate=not a.no_eval)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
