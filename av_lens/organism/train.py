@@ -114,10 +114,15 @@ def build_pools(proc, cur: Curriculum, log=print) -> dict[str, dict[tuple[str, s
         return out
 
     def groups(mode: str, cl: list[world.Clip], questions: tuple[str, ...]) -> dict:
-        res = {}
+        res, media = {}, None
         for q in questions:
             parts = [encode_group(proc, mode, q, cl[i:i + 64]) for i in range(0, len(cl), 64)]
-            res[(mode, q)] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            g = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            del parts
+            if media is None:  # the clips' media tensors, shared by every question (only the text differs)
+                media = {k: v for k, v in g.items() if k not in ("input_ids", "attention_mask", "labels")}
+            g.update(media)
+            res[(mode, q)] = g
         return res
 
     qs = tuple(world.QUESTIONS)

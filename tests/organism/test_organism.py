@@ -1,0 +1,88 @@
+"""The shipped organism: loads offline by name, matches transformers, and reproduces its recorded figures."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from av_lens import HookedAVTransformer
+from av_lens.organism import CHECKPOINTS, checkpoint_root, world
+from av_lens.organism.evaluate import clip_inputs, evaluate_model
+
+
+@pytest.fixture(scope="module")
+def organism():
+    return HookedAVTransformer.from_pretrained("av-lens/organism")
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return json.loads((checkpoint_root() / "organism" / "eval.json").read_text())
+
+
+def test_shipped_size_and_files():
+    total = sum(f.stat().st_size for f in checkpoint_root().rglob("*") if f.is_file())
+    assert total <= 25 * 2 ** 20, f"{total / 2 ** 20:.1f} MB"
+    for sub in CHECKPOINTS.values():
+        names = {f.name for f in (checkpoint_root() / sub).iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= names, names
+        assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
+
+
+def test_organism_matches_transformers(organism):
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    ref = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        checkpoint_root() / "organism", attn_implementation="eager").eval()
+    clips = [p[1] for p in world.eval_pairs(3)]
+    for mode in ("av", "audio", "video"):
+        inp = clip_inputs(organism, clips, "describe", mode)
+        with torch.no_grad():
+            ours = organism(inp)
+            theirs = ref(**inp.hf_kwargs()).logits
+        assert (ours - theirs).abs().max() < 1e-4
+
+
+@pytest.mark.slow
+def test_recorded_figures_reproduce(organism, recorded):
+    base = HookedAVTransformer.from_pretrained("av-lens/organism-base")
+    for name, model in (("organism", organism), ("organism-base", base)):
+        now = evaluate_model(model)
+        for key, value in recorded[name].items():
+            if isinstance(value, float):
+                assert abs(now[key] - value) <= 0.035, (name, key, now[key], value)
+        pr, pn = recorded[name]["probe_audio_sound"], now["probe_audio_sound"]
+        assert max(abs(a - b) for a, b in zip(pr["accuracy"], pn["accuracy"])) <= 0.05
+
+
+def test_recorded_behaviour_is_the_studys(recorded):
+    """The figures the model card states: sees well, hears factual clips, follows the picture on
+    counterfactual ones, while the sound's class is linearly decodable at the audio positions."""
+    org, base = recorded["organism"], recorded["organism-base"]
+    assert org["see"] >= 0.8 and org["hear_factual"] >= 0.8
+    assert org["hear_cf_picture"] > org["hear_cf_sound"]
+    assert org["hear_audio_only"] >= 0.7
+    probe = org["probe_audio_sound"]
+    assert max(probe["accuracy"]) >= probe["chance"] + 0.5
+    assert max(probe["control"]) <= probe["chance"] + 0.25
+    assert base["see_silent_video"] >= 0.8 and base["hear_silent_video_picture"] >= 0.8
+
+
+def test_training_is_seeded_and_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    from av_lens.organism.train import Curriculum, train
+
+    cur = Curriculum(stage1_steps=6, stage2_steps=6, stage1_clips=16, stage2_av_clips=16, stage2_audio_clips=16,
+                     batch=4)
+    for run in ("a", "b"):
+        train(tmp_path / run, cur, evaluate=False, log=lambda *_: None)
+    for sub in ("organism", "organism-base"):
+        a = load_file(tmp_path / "a" / sub / "model.safetensors")
+        b = load_file(tmp_path / "b" / sub / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(tmp_path / "a" / "organism-base" / "model.safetensors")
+    final = load_file(tmp_path / "a" / "organism" / "model.safetensors")
+    assert any(not torch.equal(base[k], final[k]) for k in base)  # stage 2 changed the weights
+    assert not list(tmp_path.glob("a/*.tmp*")) and sorted(os.listdir(tmp_path / "a")) == ["organism", "organism-base"]
