@@ -45,7 +45,7 @@ def child(folder: str, mode: str, n_video: int, n_audio: int) -> dict:
     ids = torch.cat([text[:3], torch.tensor([tok.vision_bos] + [tok.video] * n_video + [tok.vision_eos]
                                             + [tok.audio_bos] + [tok.audio] * n_audio + [tok.audio_eos]), text[3:]])
     data = dict(input_ids=ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                video_grid_thw=torch.tensor([[2 * t, side, side]]), video_second_per_grid=torch.tensor([0.5]),
+                video_grid_thw=torch.tensor([[t, side, side]]), video_second_per_grid=torch.tensor([0.5]),
                 input_features=torch.zeros(1, 128, n_mel), feature_attention_mask=torch.ones(1, n_mel, dtype=torch.long))
     inp = AVInput.from_processor_output(data, tok)
     inp = AVInput(**{**{f: getattr(inp, f) for f in inp.__dataclass_fields__}, "input_features": None,
