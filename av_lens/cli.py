@@ -1,9 +1,9 @@
 """The ``av-lens`` command line.
 
-``av-lens demo`` runs the whole data path offline on the embedded model organism (a small trained
-Qwen2.5-Omni thinker, docs/organism.md): synthetic media -> native encoders -> modality layout -> hooked
-backbone -> analyses (attention flow, logit lens, knockout) -> a printed summary, on a factual clip and its
-counterfactual (same picture, another class's sound).
+``av-lens report`` writes one self-contained HTML file with every view of a clip or a factual/counterfactual
+pair (video file + audio files, or the built-in pair); ``av-lens demo`` is that report on the built-in pair
+with the embedded model organism (docs/organism.md), offline, printing the file's path and a text summary.
+The data path in one pass: media -> native encoders -> modality layout -> hooked backbone -> analyses -> views.
 """
 
 from __future__ import annotations
@@ -13,76 +13,82 @@ import os
 import sys
 import time
 
+from av_lens.errors import AVLensError
 
-def demo(model_path: str | None = None, max_new_tokens: int = 4, look: int = 0, sound: int = 1) -> int:
-    """The study in miniature on the organism: a clip of ``look`` with its own sound and with ``sound``'s."""
+
+def _load(name: str | None, default: str):
+    from av_lens import HookedAVTransformer
+
+    return HookedAVTransformer.from_pretrained(name or default)
+
+
+def report(args) -> int:
+    """Write the HTML report for a clip (or a factual/counterfactual pair) and print its summary."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import numpy as np
-    import torch
     from transformers.utils import logging as hf_logging
 
-    from av_lens import HookedAVTransformer
-    from av_lens.analysis import attention_flow, knockout_hooks, logit_lens
-    from av_lens.organism import world
-    from av_lens.organism.evaluate import clip_inputs, first_answer
+    from av_lens.report import ClipMedia, build_report, builtin_pair
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    name = model_path or "av-lens/organism"
-    model = HookedAVTransformer.from_pretrained(name)
-    cfg = model.cfg
-    print(f"model: {name} | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads "
-          f"({cfg.n_key_value_heads} kv), {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    rng = np.random.default_rng(2026)
-    frames = world.frames(look, rng)
-    fact = world.Clip(look, look, frames, world.sound(look, rng))
-    cf = world.Clip(look, sound, frames, world.sound(sound, rng))
-    print(f"clip: a {world.OBJECTS[look]} ({world.N_FRAMES} frames, {world.SIDE}x{world.SIDE}, {world.SECONDS:.0f} s) "
-          f"with its own sound ({world.SOUNDS[look]}) = factual, and with a {world.SOUNDS[sound]} = counterfactual")
-    inp = clip_inputs(model, [cf], "hear", "av")
-    L = inp.layout
-    print(f"\ntokens: {L.counts()}\nmodality layout (run-length):\n" + L.summary())
+    model = _load(args.model, "av-lens/organism")
+    base = None
+    if args.base != "none":
+        default_base = "av-lens/organism-base" if args.model in (None, "av-lens/organism") else None
+        if args.base or default_base:
+            base = _load(args.base, default_base)
+    if args.video is None:
+        if args.audio or args.counterfactual_audio:
+            from av_lens.errors import InputError
 
-    print("\nanswers (greedy):")
-    for tag, clip in (("factual", fact), ("counterfactual", cf)):
-        see = first_answer(model, clip_inputs(model, [clip], "see", "av"))[0]
-        hear = first_answer(model, clip_inputs(model, [clip], "hear", "av"))[0]
-        cap = model.generate(clip_inputs(model, [clip], "describe", "av"), max_new_tokens=max_new_tokens).text[0]
-        print(f"  {tag:15s} see -> {see:7s} hear -> {hear:7s} describe -> {cap.strip()!r}")
+            raise InputError("--audio / --counterfactual-audio need a --video to go with",
+                             "pass --video FILE (its own soundtrack is used unless --audio is given)")
+        clip, cf = builtin_pair()
+        print("input: the built-in pair (a synthetic dog clip with its bark, and with a bell's ring)")
+    else:
+        from av_lens.media import load_audio, load_clip
 
-    flow = attention_flow(model, inp, "last_prompt", keys={"audio": "audio", "video": "video",
-                                                           "text": "prompt - audio - video"})
-    print("\nattention from the last prompt token (counterfactual 'what do you hear ?'), mean over heads:")
-    print(flow.table())
-    lens = logit_lens(model, inp, "audio", k=5, targets=[world.SOUNDS[sound], world.SOUNDS[look]])
-    best = lens.target_rank.min(dim=1).values  # [layer, target]: best rank over audio positions
-    print(f"\nlogit lens at the {L.count('audio')} audio positions: best rank of the sound playing "
-          f"({world.SOUNDS[sound]}) / the picture's sound ({world.SOUNDS[look]}) by layer:")
-    for l, (r_true, r_pic) in zip(lens.layers, best.tolist()):
-        print(f"  layer {l}: {r_true:4d} / {r_pic:4d}")
-    sid = model.to_single_token(world.SOUNDS[sound])
-    print("\nknockout last prompt token -/-> video tokens from layer l on: p(sound playing) at the answer")
-    with torch.no_grad():
-        p0 = model(inp)[0, -1].softmax(-1)[sid]
-        print(f"  no knockout: {p0:.3f}")
-        for l in range(cfg.n_layers):
-            logits = model.run_with_hooks(inp, fwd_hooks=knockout_hooks(model, "last_prompt", "video", range(l, cfg.n_layers)))
-            print(f"  from layer {l}: {logits[0, -1].softmax(-1)[sid]:.3f} -> answers "
-                  f"{model.tokenizer.convert_ids_to_tokens(int(logits[0, -1].argmax()))}")
-    print(f"\ndone in {time.perf_counter() - t0:.1f} s")
+        mc = load_clip(args.video, args.audio, fps=args.fps, max_side=args.max_side)
+        clip = ClipMedia(mc.frames, mc.fps, mc.audio, "factual" if args.counterfactual_audio else "clip")
+        cf = None
+        if args.counterfactual_audio:
+            other = load_audio(args.counterfactual_audio)
+            from av_lens.analysis.pairs import match_length
+
+            other, _ = match_length(other, len(mc.audio))
+            cf = ClipMedia(mc.frames, mc.fps, other, "counterfactual")
+    summary = build_report(model, clip, cf, base=base, out=args.out, progress=not args.quiet)
+    print(summary.text())
+    print(f"done in {time.perf_counter() - t0:.1f} s; open {summary.path} in a browser")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="av-lens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="run the data path end to end, offline, and print what it saw")
-    d.add_argument("--model", default=None, help="an organism-compatible checkpoint (default: av-lens/organism)")
-    d.add_argument("--max-new-tokens", type=int, default=4)
+    for name, helptext in (("demo", "the report on the built-in factual/counterfactual pair, offline, with a summary"),
+                           ("report", "write one self-contained HTML report for a clip or a factual/counterfactual pair")):
+        d = sub.add_parser(name, help=helptext)
+        d.add_argument("--model", default=None, help="checkpoint folder, hub id or embedded name (default: av-lens/organism)")
+        d.add_argument("--base", default=None, help="base model for the token-shift view (default for the organism: "
+                                                   "av-lens/organism-base; 'none' to skip)")
+        d.add_argument("--out", default="av_lens_demo.html" if name == "demo" else "av_lens_report.html")
+        d.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "report":
+            d.add_argument("--video", default=None, help="video file (mp4, webm, ...); its soundtrack is used unless --audio")
+            d.add_argument("--audio", default=None, help="audio file (wav, flac, ...) to use as the clip's soundtrack")
+            d.add_argument("--counterfactual-audio", default=None, help="another soundtrack for the same frames: "
+                                                                        "the report then compares the pair")
+            d.add_argument("--fps", type=float, default=2.0, help="frame sampling rate")
+            d.add_argument("--max-side", type=int, default=448, help="downscale frames so the longer side fits")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
-        return demo(args.model, args.max_new_tokens)
-    return 2
+        args.video = args.audio = args.counterfactual_audio = None
+    try:
+        return report(args)
+    except AVLensError as e:
+        print(f"av-lens {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

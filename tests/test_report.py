@@ -1,0 +1,91 @@
+"""`av-lens report`: the HTML report renders in a real headless browser, offline, without console errors."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+#: injected first into a copy of the report: records page errors, console errors and every resource fetched
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push('error: ' + e.message));
+window.addEventListener('unhandledrejection', e => window.__errors.push('rejection: ' + e.reason));
+const _ce = console.error; console.error = (...a) => { window.__errors.push('console: ' + a.join(' ')); _ce(...a); };
+window.addEventListener('load', () => setTimeout(() => {
+  document.body.setAttribute('data-errors', JSON.stringify(window.__errors));
+  document.body.setAttribute('data-resources', JSON.stringify(performance.getEntriesByType('resource').map(r => r.name)));
+  const cv = [...document.querySelectorAll('.avl-cv')];
+  document.body.setAttribute('data-cv-rendered', JSON.stringify(cv.map(d => d.querySelectorAll('*').length)));
+  document.body.setAttribute('data-svg-marks', String(document.querySelectorAll('svg.avl-plot circle, svg.avl-plot rect').length));
+}, 500));
+</script>"""
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("Debian's chromium is needed for the browser test: apt-get install chromium (.ci/run does)")
+    return exe
+
+
+def run_chromium(args, tmp_path):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-default-apps", "--disable-extensions", f"--user-data-dir={tmp_path / 'profile'}",
+             "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=10000"]
+    return subprocess.run([chromium(), *flags, *args], capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def report_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "av_lens.cli", "report", "--out", str(out), "--quiet"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"report: {out}" in r.stdout
+    return out
+
+
+@pytest.mark.slow
+def test_report_renders_offline_in_headless_chromium(report_file, tmp_path):
+    html = report_file.read_text()
+    assert html.count("CircuitsVis.render(") >= 1 and html.count("var CircuitsVis") <= 1
+    probed = tmp_path / "probed.html"
+    probed.write_text(html.replace("<head>", "<head>" + PROBE, 1))
+    r = run_chromium(["--dump-dom", probed.as_uri()], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", r.stdout).group(1)
+    attr = lambda name: json.loads(re.search(name + r"=\"([^\"]*)\"", body).group(1).replace("&quot;", '"'))  # noqa: E731
+    assert attr("data-errors") == []
+    assert attr("data-resources") == []          # nothing fetched: no script, style, image or XHR request
+    rendered = attr("data-cv-rendered")
+    assert rendered and all(n > 10 for n in rendered)  # every circuitsvis view built its DOM
+    assert attr("data-svg-marks") > 20            # plots have their points and cells
+    for heading in ("Answers", "Where do generated tokens look?", "Logit lens at the audio positions",
+                    "Attention knockout", "Linear probes", "Inherited from the base?"):
+        assert heading in r.stdout
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report_screenshot.png"
+    r = run_chromium(["--window-size=1200,5200", f"--screenshot={shot}", report_file.as_uri()], tmp_path)
+    assert r.returncode == 0 and shot.stat().st_size > 50_000
+
+
+def test_report_bad_inputs_give_clear_errors(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "av_lens.cli", "report", "--audio", "x.wav", "--out", str(tmp_path / "r.html")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "need a --video" in r.stderr and "Fix:" in r.stderr
+    bad = tmp_path / "notavideo.mp4"
+    bad.write_text("hello")
+    r = subprocess.run([sys.executable, "-m", "av_lens.cli", "report", "--video", str(bad), "--out", str(tmp_path / "r.html")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "notavideo.mp4" in r.stderr and "Fix:" in r.stderr
+    assert not (tmp_path / "r.html").exists()
