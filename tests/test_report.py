@@ -31,7 +31,10 @@ window.addEventListener('load', () => setTimeout(() => {
 def chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.fail("Debian's chromium is needed for the browser test: apt-get install chromium (.ci/run does)")
+        msg = "Debian's chromium is needed for the browser test: apt-get install chromium (.ci/run does)"
+        if os.environ.get("AV_LENS_REQUIRE_BROWSER"):
+            pytest.fail(msg)
+        pytest.skip(msg)
     return exe
 
 
