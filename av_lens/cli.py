@@ -31,12 +31,6 @@ def report(args) -> int:
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    model = _load(args.model, "av-lens/organism")
-    base = None
-    if args.base != "none":
-        default_base = "av-lens/organism-base" if args.model in (None, "av-lens/organism") else None
-        if args.base or default_base:
-            base = _load(args.base, default_base)
     if args.video is None:
         if args.audio or args.counterfactual_audio:
             from av_lens.errors import InputError
@@ -57,6 +51,13 @@ def report(args) -> int:
 
             other, _ = match_length(other, len(mc.audio))
             cf = ClipMedia(mc.frames, mc.fps, other, "counterfactual")
+    # models load after the arguments and media are checked, so a bad input is refused at once
+    model = _load(args.model, "av-lens/organism")
+    base = None
+    if args.base != "none":
+        default_base = "av-lens/organism-base" if args.model in (None, "av-lens/organism") else None
+        if args.base or default_base:
+            base = _load(args.base, default_base)
     summary = build_report(model, clip, cf, base=base, out=args.out, progress=not args.quiet)
     print(summary.text())
     print(f"done in {time.perf_counter() - t0:.1f} s; open {summary.path} in a browser")

@@ -345,7 +345,8 @@ def build_layout(
     """Compute the layout of a (possibly left-padded) batch. Raises :class:`LayoutError` on inconsistencies."""
     if input_ids.ndim != 2:
         raise LayoutError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}",
-                          "add a batch dimension with input_ids[None]")
+                          "add a batch dimension with input_ids[None]" if input_ids.ndim == 1 else
+                          "pass integer token ids of shape [batch, pos] (not embeddings or one-hot vectors)")
     ids_np = input_ids.detach().cpu().numpy()
     B, T = ids_np.shape
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).detach().cpu().numpy().astype(bool)
@@ -411,6 +412,12 @@ class ModalityLayout:
         gen[:, self.prompt_len:] = True
         return gen
 
+    def _check_batch(self, batch: int) -> None:
+        n = self.modality.shape[0]
+        if not -n <= batch < n:
+            raise LayoutError(f"sample {batch} is out of range: this layout holds {n} sample(s)",
+                              f"pass batch= in 0..{n - 1}")
+
     # -- selection -----------------------------------------------------------------------------
     def mask(self, sel: "SelectorLike") -> Bool[Tensor, "batch pos"]:
         """Boolean [batch, pos] mask of the positions a selector picks (pads are never selected)."""
@@ -419,20 +426,24 @@ class ModalityLayout:
 
     def positions(self, sel: "SelectorLike", batch: int = 0) -> Int[Tensor, "n"]:
         """Indices (into the padded sequence) of the selected positions of one sample."""
+        self._check_batch(batch)
         idx = self.mask(sel)[batch].nonzero().squeeze(-1)
         return idx
 
     def spans(self, sel: "SelectorLike", batch: int = 0) -> list[tuple[int, int]]:
         """Contiguous half-open ``(start, stop)`` runs of selected positions in one sample."""
+        self._check_batch(batch)
         m = self.mask(sel)[batch].numpy().astype(np.int8)
         edges = np.diff(np.concatenate([[0], m, [0]]))
         return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
 
     def count(self, sel: "SelectorLike", batch: int = 0) -> int:
+        self._check_batch(batch)
         return int(self.mask(sel)[batch].sum())
 
     def counts(self, batch: int = 0) -> dict[str, int]:
         """Token counts per modality in one sample (generated tokens counted separately)."""
+        self._check_batch(batch)
         out = {m.name.lower(): int(((self.modality[batch] == int(m)) & ~self.is_generated[batch]).sum())
                for m in Modality}
         out["generated"] = int((self.is_generated[batch] & (self.modality[batch] != int(Modality.PAD))).sum())
@@ -454,10 +465,12 @@ class ModalityLayout:
 
     def labels(self, batch: int = 0) -> list[str]:
         """One short label per position ("text", "audio 0 @1.24s", "video 0 @2.00s", "<vision_bos>", ...)."""
+        self._check_batch(batch)
         return [self._kind(batch, p, with_time=True) for p in range(len(self))]
 
     def summary(self, batch: int = 0) -> str:
         """A run-length table of the sample: kind, index range, count, first/last 3-D position, times."""
+        self._check_batch(batch)
         kinds = [self._kind(batch, p, with_time=False) for p in range(len(self))]
         lines = [f"{'kind':16s} {'index':>11s} {'n':>5s}  {'pos (t,h,w) first .. last':32s} time"]
         s = 0

@@ -119,11 +119,19 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
 
     dtype = _parse_dtype(dtype)
     device = torch.device(device)
+    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise CheckpointError(f"device {str(device)!r} was asked for but this machine has "
+                              f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} usable CUDA device(s)",
+                              "pass device='cpu', or a CUDA device that exists (see torch.cuda.device_count())")
     folder = resolve_folder(name_or_path, local_files_only)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{folder} has no config.json", "pass a transformers checkpoint folder")
-    raw = json.loads(cfg_path.read_text())
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e})",
+                              "the file is truncated or corrupt; download the checkpoint's config.json again") from e
     adapter = adapter_for(raw, str(folder))
     hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     thinker_cfg = adapter.thinker_config(hf_config)
@@ -204,8 +212,9 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
                 del src
     missing = sorted(set(targets) - loaded - _non_weight_entries(model, adapter))
     if missing:
+        as_named = {ours: ckpt for ckpt, ours in by_ckpt.items()}  # name them as the checkpoint would
         raise CheckpointError(
-            f"{folder} lacks {len(missing)} tensors the model needs (e.g. {missing[:3]})",
+            f"{folder} lacks {len(missing)} tensors the model needs (e.g. {[as_named.get(m, m) for m in missing[:3]]})",
             "the checkpoint is truncated or of another model; download it again or pick the matching folder",
         )
     if unexpected:

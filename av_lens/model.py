@@ -43,7 +43,7 @@ from av_lens.components import EncoderHooks, RMSNorm, TransformerBlock
 from av_lens.components.attention import AttnContext, KVCache
 from av_lens.components.embed import Embed, Unembed
 from av_lens.config import AVConfig
-from av_lens.errors import InputError, LayoutError, unknown_hook_error
+from av_lens.errors import HookNameError, InputError, LayoutError, unknown_hook_error
 from av_lens.inputs import AVInput
 from av_lens.layout import MediaSpec, ModalityLayout, build_layout
 
@@ -75,6 +75,21 @@ class AVActivationCache(ActivationCache):
                  has_batch_dim: bool = True):
         super().__init__(cache_dict, model, has_batch_dim=has_batch_dim)
         self.layout = layout
+
+    def __getitem__(self, key) -> Tensor:
+        try:
+            return super().__getitem__(key)
+        except KeyError as e:  # say whether the name is unknown or only not cached (still a KeyError)
+            name = e.args[0] if e.args and isinstance(e.args[0], str) else str(key)
+            if name in self.model.hook_dict:
+                err = HookNameError(f"hook {name!r} was not cached in this run (the cache holds "
+                                    f"{len(self.cache_dict)} activations)",
+                                    "include it in run_with_cache(..., names_filter=...), or leave names_filter=None "
+                                    "to cache every hook")
+            else:
+                err = unknown_hook_error(name, self.model.hook_dict)
+            err.key = name
+            raise err from None
 
 
 class HookedAVTransformer(HookedRootModule):

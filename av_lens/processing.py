@@ -167,7 +167,7 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
     video_audio = [check_audio(a, sr, f"video_audio[{i}]", max_s) for i, a in enumerate(_as_list(video_audio))]
     images = [check_image(im, f"images[{i}]") for i, im in enumerate(_as_list(images))]
     videos = [check_video(v, f"videos[{i}]") for i, v in enumerate(_as_list(videos))] if videos is not None else []
-    if fps is None or fps <= 0:
+    if fps is None or not 0 < fps < float("inf"):  # also refuses NaN
         raise MediaError(f"fps must be positive, got {fps}", "pass the frame rate of the given frames (e.g. fps=2.0)")
     if use_audio_in_video and len(video_audio) != len(videos):
         raise MediaError(f"use_audio_in_video=True with {len(videos)} video(s) but {len(video_audio)} soundtrack(s)",

@@ -221,7 +221,7 @@ def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None
                 what = (f"logit({model.tokenizer.convert_ids_to_tokens(ta)}) - "
                         f"logit({model.tokenizer.convert_ids_to_tokens(tb)})")
             res = patch_by_modality(model, a, b, pm, components=("resid_pre", "attn_out", "mlp_out"),
-                                    sets=("audio", "video", "text"))
+                                    sets=("audio", "video", "text"), progress=False)
             if abs(res.clean - res.corrupted) > 1e-6:
                 for comp in ("resid_pre", "attn_out", "mlp_out"):
                     page.add(views.patching_heatmap(res, comp), f"Patching {comp}, factual → counterfactual" if comp == "resid_pre" else None,

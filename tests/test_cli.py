@@ -1,19 +1,20 @@
-"""The README's demo command runs offline on the embedded organism and prints the study in miniature."""
+"""The README's demo command runs offline on the embedded organism: the report on the built-in pair."""
 
 import subprocess
 import sys
 
 
-def test_demo_runs_offline_on_the_organism():
-    out = subprocess.run([sys.executable, "-m", "av_lens.cli", "demo", "--max-new-tokens", "3"],
-                         capture_output=True, text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+def test_demo_writes_the_report_and_prints_a_summary(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "av_lens.cli", "demo", "--quiet", "--out", str(tmp_path / "d.html")],
+                         capture_output=True, text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "model: av-lens/organism" in out.stdout
-    assert "video 0" in out.stdout and "audio 0" in out.stdout
-    assert "factual         see -> dog" in out.stdout
-    assert "attention from the last prompt token" in out.stdout
-    assert "logit lens at the 25 audio positions" in out.stdout
-    assert sum(line.strip().startswith("from layer ") for line in out.stdout.splitlines()) == 4
+    assert f"report: {tmp_path / 'd.html'}" in out.stdout
+    assert "factual: what do you see ?" in out.stdout and "'dog'" in out.stdout
+    assert "counterfactual: what do you hear ?" in out.stdout
+    assert "attention of generated tokens by layer: L0 audio" in out.stdout
+    assert "with last prompt ↛ video from layer l" in out.stdout and "token shift vs base" in out.stdout
+    html = (tmp_path / "d.html").read_text()
+    assert "CircuitsVis.render(" in html and "<svg" in html
 
 
 def test_demo_refuses_a_missing_model_clearly():

@@ -26,4 +26,4 @@ from av_lens.analysis.pairs import (CaptionScorer, KeywordScorer, LLMJudgeScorer
 from av_lens.analysis.patching import (PatchResult, patch_by_modality, patch_per_position, path_patch,
                                        path_patch_hooks)
 from av_lens.analysis.probes import LinearProbe, ProbeResult, pooled_residuals, probe_layers
-from av_lens.analysis.token_shift import TokenShiftResult, token_shift, token_shift_batch
+from av_lens.analysis.token_shift import TokenShiftResult, pooled_fractions, token_shift, token_shift_batch

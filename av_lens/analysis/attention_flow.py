@@ -132,6 +132,9 @@ class AttentionFlow:
         if stored is None:
             return
         q, qm = stored
+        if self.model.blocks[l].attn.hook_attn_mask.has_hooks():
+            raise InputError(f"layer {l}'s attention mask is edited by a hook (e.g. a knockout), which the rows method "
+                             "cannot see", "measure the flow under edits with AttentionFlow(..., method='pattern')")
         st = self.model.run_state
         keys = k.transpose(1, 2)  # [batch, kv_head, new, d_head]
         if st.cache is not None and st.cache.k[l] is not None:

@@ -93,7 +93,8 @@ class SweepResult:
         rows = [f"{'window':>10} {'metric':>10} {'effect':>10}",
                 f"{'none':>10} {float(self.baseline.float().mean()):10.4f} {0.0:10.4f}"]
         for w, v, e in zip(self.windows, self.values, self.effect):
-            rows.append(f"{f'{w.start}-{w.stop - 1}':>10} {float(v.float().mean()):10.4f} {float(e.float().mean()):10.4f}")
+            label = str(w.start) if len(w) == 1 else f"{w.start}-{w.stop - 1}"
+            rows.append(f"{label:>10} {float(v.float().mean()):10.4f} {float(e.float().mean()):10.4f}")
         return "\n".join(rows)
 
 

@@ -61,6 +61,18 @@ class LensResult:
         h = self.hits(k).any(-1)
         return [l for l, x in zip(self.layers, h.tolist()) if x]
 
+    def sample_target_hits(self, target_of_sample, k: int | None = None) -> Tensor:
+        """Bool [layer, sample]: sample b's own target (index into ``targets``, e.g. the class of the sound
+        playing in clip b) is in the top ``k`` at some selected position of b, per layer."""
+        k = self.top_ids.shape[-1] if k is None else k
+        idx = torch.as_tensor(target_of_sample, dtype=torch.long)
+        cols = torch.tensor([idx[b] for b, _ in self.positions])
+        rank = self.target_rank[:, torch.arange(len(cols)), cols]  # [layer, position]
+        out = torch.zeros(len(self.layers), len(idx), dtype=torch.bool)
+        for j, (b, _) in enumerate(self.positions):
+            out[:, b] |= rank[:, j] <= k
+        return out
+
     def per_sample_hit(self, n_samples: int, k: int | None = None) -> Tensor:
         """Bool [sample]: a target is in the top-k at some layer and some selected position of that sample."""
         h = self.hits(k).any(0)
@@ -74,7 +86,10 @@ def _targets(model, targets) -> list[int]:
     out = []
     for t in targets or []:
         if isinstance(t, str):
-            out.append(model.to_single_token(t))
+            try:
+                out.append(model.to_single_token(t))
+            except Exception:  # noqa: BLE001 - BPE vocabularies hold " bark", not "bark"
+                out.append(model.to_single_token(" " + t))
         else:
             out.append(int(t))
     bad = [t for t in out if not 0 <= t < model.cfg.d_vocab]

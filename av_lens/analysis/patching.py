@@ -24,6 +24,7 @@ patched residual.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -83,10 +84,24 @@ def _set_masks(layout, sets: dict[str, SelectorLike]) -> list[Tensor]:
     return [selector_mask(layout, s, f"patching set '{name}'") for name, s in sets.items()]
 
 
+@contextlib.contextmanager
+def _quiet_tl(progress: bool):
+    """TransformerLens's patching loops draw a tqdm bar per call; ``progress=False`` silences them."""
+    if progress:
+        yield
+        return
+    orig = tl_patching.tqdm
+    tl_patching.tqdm = lambda it, *a, **k: it
+    try:
+        yield
+    finally:
+        tl_patching.tqdm = orig
+
+
 def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
                       components: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
                       sets: Sequence[str] | dict[str, SelectorLike] = ("audio", "video", "text"),
-                      layers=None) -> PatchResult:
+                      layers=None, progress: bool = True) -> PatchResult:
     """Patch each component at each layer, at the positions of each set, from ``clean`` into ``corrupted``."""
     clean, corrupted = model.encode(model.to_input(clean)), model.encode(model.to_input(corrupted))
     check_aligned(clean, corrupted)
@@ -119,7 +134,7 @@ def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor
         rows = ([(l, h, s) for l in layers for h in range(model.cfg.n_heads) for s in range(len(sets))] if per_head
                 else [(l, s) for l in layers for s in range(len(sets))])
         cols = ["layer", "head", "set"] if per_head else ["layer", "set"]
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_tl(progress):
             flat = tl_patching.generic_activation_patch(
                 model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits)), setter, act,
                 index_df=pd.DataFrame(rows, columns=cols))
@@ -129,7 +144,7 @@ def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor
 
 
 def patch_per_position(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
-                       component: str = "resid_pre") -> Tensor:
+                       component: str = "resid_pre", progress: bool = True) -> Tensor:
     """TransformerLens's per-(layer, position) patching on aligned inputs: [layer, pos]."""
     fns = {"resid_pre": tl_patching.get_act_patch_resid_pre, "resid_mid": tl_patching.get_act_patch_resid_mid,
            "attn_out": tl_patching.get_act_patch_attn_out, "mlp_out": tl_patching.get_act_patch_mlp_out}
@@ -140,7 +155,8 @@ def patch_per_position(model, clean, corrupted, metric: Callable[[Tensor], Tenso
     check_aligned(clean, corrupted)
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_" + component))
-        return fns[component](model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits))).cpu()
+        with _quiet_tl(progress):
+            return fns[component](model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits))).cpu()
 
 
 # ------------------------------------------------------------------------------------------ path patching
@@ -159,7 +175,7 @@ def path_patch_hooks(model, clean_cache, layer: int, senders: SelectorLike, rece
     try:
         p_clean, v_clean = clean_cache[pre + "hook_pattern"], clean_cache[pre + "hook_v"]
     except KeyError as e:
-        raise InputError(f"the clean cache lacks {e.args[0]}",
+        raise InputError(f"the clean cache lacks {getattr(e, 'key', e.args[0])}",
                          "cache with names_filter=path_patch_cache_filter(layer)") from None
     n_rep = model.cfg.n_rep
     state: dict[str, Tensor] = {}

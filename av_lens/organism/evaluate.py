@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from av_lens.errors import InputError
 from av_lens.organism import world
 from av_lens.processing import AUDIO_PH, VIDEO_PH
 
@@ -37,7 +38,7 @@ def clip_inputs(model, clips: list[world.Clip], question: str = "hear", mode: st
     ``mode``: ``"av"`` frames with their soundtrack interleaved (audio-in-video), ``"video"`` silent frames,
     ``"audio"`` the soundtrack alone."""
     if question not in world.QUESTIONS:
-        raise ValueError(f"unknown question {question!r}; use one of {sorted(world.QUESTIONS)}")
+        raise InputError(f"unknown question {question!r}", f"use one of {sorted(world.QUESTIONS)}")
     text = (AUDIO_PH if mode == "audio" else VIDEO_PH) + world.QUESTIONS[question]
     texts = [text] * len(clips)
     if mode == "av":
@@ -47,7 +48,7 @@ def clip_inputs(model, clips: list[world.Clip], question: str = "hear", mode: st
         return model.prepare(texts, videos=[c.frames for c in clips], fps=world.FPS, system_prompt=None)
     if mode == "audio":
         return model.prepare(texts, audio=[c.audio for c in clips], system_prompt=None)
-    raise ValueError(f"unknown mode {mode!r}; use 'av', 'video' or 'audio'")
+    raise InputError(f"unknown mode {mode!r}", "use 'av', 'video' or 'audio'")
 
 
 def first_answer(model, inputs) -> list[str]:

@@ -66,11 +66,7 @@ def run_study(model, base=None, n_pairs: int = 48, max_new_tokens: int = 4, k: i
     with torch.no_grad():
         model.run_with_hooks(inp, fwd_hooks=lens.hooks(), return_type=None)
     res = lens.result()
-    true_idx = torch.tensor([cf[b].sound for b, _ in res.positions])
-    true_rank = res.target_rank[:, torch.arange(len(true_idx)), true_idx]  # [layer, position]
-    hit = torch.zeros(len(res.layers), n_pairs, dtype=torch.bool)
-    for j, (b, _) in enumerate(res.positions):
-        hit[:, b] |= true_rank[:, j] <= k
+    hit = res.sample_target_hits([c.sound for c in cf], k)  # [layer, clip]: the sound playing in the top k
     out["lens_layers"] = res.layers
     out["latent_hit_rate_by_layer"] = hit.float().mean(1).tolist()
     out["latent_hit_rate_any_layer"] = float(hit.any(0).float().mean())

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from av_lens.errors import InputError
+
 SAMPLE_RATE = 16000
 SIDE = 112          # frame side in pixels (the processor sees 8x8 patches -> 4x4 merged tokens per frame pair)
 N_FRAMES = 4
@@ -70,7 +72,7 @@ def answer(question: str, look: int, sound: int) -> str:
         return SOUNDS[sound]
     if question == "describe":
         return f"{OBJECTS[look]} and {SOUNDS[sound]}"
-    raise ValueError(f"unknown question {question!r}; use one of {sorted(QUESTIONS)}")
+    raise InputError(f"unknown question {question!r}", f"use one of {sorted(QUESTIONS)}")
 
 
 # ----------------------------------------------------------------------------------------------- pictures

@@ -85,3 +85,15 @@ def test_bad_arguments(model, media):
     model.run_with_hooks(inp, fwd_hooks=flow.hooks())
     with pytest.raises(InputError, match="no position matched"):
         flow.result()
+
+
+def test_rows_method_refuses_edited_masks_and_pattern_method_sees_them(model, media):
+    from av_lens.analysis.knockout import knockout_hooks
+
+    inp = model.prepare(**cases(media)["video_with_audio"])
+    ko = knockout_hooks(model, "last_prompt", "video", [0, 1])
+    with pytest.raises(InputError, match="method='pattern'"):
+        model.run_with_hooks(inp, fwd_hooks=ko + AttentionFlow(model, "last_prompt").hooks())
+    flow = AttentionFlow(model, "last_prompt", method="pattern")
+    model.run_with_hooks(inp, fwd_hooks=ko + flow.hooks())
+    assert flow.result().group("video").abs().max() < 1e-6  # the knocked-out edges carry no attention
