@@ -1,0 +1,111 @@
+"""The tutorial notebooks run top to bottom, offline, on the embedded model organism.
+
+Each notebook is executed with nbclient in a fresh ``python3`` kernel (this interpreter's environment), from
+the ``tutorials/`` folder, with a 120 s limit per cell. Before the notebook's first cell the test injects a
+guard that refuses any connection or name lookup outside this machine, and after the last cell it checks that
+nothing tried one — so "offline" is asserted, not assumed. A second test checks that the committed notebooks
+are exactly what ``tutorials/make_notebooks.py`` writes (no outputs, no hand edits).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
+NOTEBOOKS = sorted(p.name for p in TUTORIALS.glob("*.ipynb"))
+CELL_TIMEOUT_S = 120
+
+NETWORK_GUARD = '''\
+import socket as _socket
+
+_AV_LENS_NET_ATTEMPTS = []
+_av_lens_getaddrinfo, _av_lens_connect = _socket.getaddrinfo, _socket.socket.connect
+
+def _av_lens_local(host):
+    host = host.decode() if isinstance(host, bytes) else host
+    return host in (None, "", "localhost", "::1", "0.0.0.0") or str(host).startswith("127.")
+
+def _av_lens_guarded_getaddrinfo(host, *args, **kwargs):
+    if not _av_lens_local(host):
+        _AV_LENS_NET_ATTEMPTS.append(str(host))
+        raise OSError(f"network access is blocked in the tutorial tests (lookup of {host!r})")
+    return _av_lens_getaddrinfo(host, *args, **kwargs)
+
+def _av_lens_guarded_connect(self, address):
+    if self.family in (_socket.AF_INET, _socket.AF_INET6) and not _av_lens_local(address[0]):
+        _AV_LENS_NET_ATTEMPTS.append(str(address[0]))
+        raise OSError(f"network access is blocked in the tutorial tests (connection to {address!r})")
+    return _av_lens_connect(self, address)
+
+_socket.getaddrinfo = _av_lens_guarded_getaddrinfo
+_socket.socket.connect = _av_lens_guarded_connect
+'''
+
+REPORT = '''\
+import json as _json, sys as _sys
+print(_json.dumps({"prefix": _sys.prefix, "network_attempts": _AV_LENS_NET_ATTEMPTS}))
+'''
+
+
+def test_there_are_tutorials():
+    assert len(NOTEBOOKS) >= 6, NOTEBOOKS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_tutorial_runs_offline(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # The organism is tiny: one thread per kernel is as fast, and much faster when the CPUs are shared.
+    if "OMP_NUM_THREADS" not in os.environ:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    nb = nbformat.read(TUTORIALS / name, as_version=4)
+    n_cells = len(nb.cells)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(NETWORK_GUARD))
+    nb.cells.append(nbformat.v4.new_code_cell(REPORT))
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                                     resources={"metadata": {"path": str(TUTORIALS)}})
+    t0 = time.perf_counter()
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:  # names the cell and shows its traceback
+        pytest.fail(f"{name}: a cell failed\n{str(e)[-4000:]}", pytrace=False)
+    elapsed = time.perf_counter() - t0
+    errors = [(i, o) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+              for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{name}: cell {errors[0][0]} errored: {errors[0][1].get('ename')}: {errors[0][1].get('evalue')}"
+    report = json.loads("".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("output_type") == "stream"))
+    assert report["network_attempts"] == [], f"{name} tried to reach the network: {report['network_attempts']}"
+    assert Path(report["prefix"]).resolve() == Path(sys.prefix).resolve(), "the kernel ran another Python environment"
+    print(f"{name}: {n_cells} cells in {elapsed:.1f} s")
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_notebooks", TUTORIALS / "make_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_notebooks_match_their_generator():
+    gen = _generator()
+    assert sorted(gen.NOTEBOOKS) == NOTEBOOKS, "run: python tutorials/make_notebooks.py"
+    for name, cells in gen.NOTEBOOKS.items():
+        expected = gen.render(name, cells)
+        actual = (TUTORIALS / name).read_text(encoding="utf-8")
+        assert actual == expected, f"{name} differs from tutorials/make_notebooks.py; regenerate it"
+        nb = nbformat.reads(actual, as_version=4)
+        first_code = next(c for c in nb.cells if c.cell_type == "code")
+        assert 'MODEL = "av-lens/organism"' in first_code.source and "HF_HUB_OFFLINE" in first_code.source
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name} has outputs"

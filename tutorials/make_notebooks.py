@@ -1,0 +1,992 @@
+"""Write the tutorial notebooks. This file is their source of truth: edit the cells here, then run
+
+    python tutorials/make_notebooks.py
+
+The notebooks are written without outputs (CI executes them: tests/test_tutorials.py). Each runs top to
+bottom on the embedded model organism, offline, in seconds on a CPU; changing the ``MODEL = ...`` line of its
+first code cell points it at a real checkpoint ("Qwen/Qwen2.5-Omni-3B" or a local folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+# ------------------------------------------------------------------------------------------ shared cells
+SETUP = '''\
+import os
+
+MODEL = "av-lens/organism"  # or "Qwen/Qwen2.5-Omni-3B", or a local folder
+
+# The organism ships inside av_lens, so nothing is downloaded; a hub checkpoint may download once.
+os.environ["HF_HUB_OFFLINE"] = "1" if MODEL.startswith("av-lens/") else os.environ.get("HF_HUB_OFFLINE", "0")'''
+
+LOAD = '''\
+import torch
+from av_lens import HookedAVTransformer, S
+
+organism = MODEL.startswith("av-lens/")  # the organism runs on the CPU in float32; a real checkpoint in bf16 on a GPU
+device = "cuda" if torch.cuda.is_available() and not organism else "cpu"
+model = HookedAVTransformer.from_pretrained(MODEL, dtype="float32" if organism else "bfloat16", device=device)
+cfg = model.cfg
+print(f"{MODEL}: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads ({cfg.n_key_value_heads} kv), "
+      f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, on {model.device}")'''
+
+WORD_ID = '''\
+def word_id(word: str) -> int:
+    """A word's token id: the organism's words are single tokens; in a BPE vocabulary, the first token of ' word'."""
+    return model.tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]'''
+
+REAL_MEDIA = '''\
+**With your own media.** The cell below takes clips from the organism's synthetic world. For a real checkpoint,
+build the same kind of input from a video file instead:
+
+```python
+from av_lens.media import load_clip
+
+clip = load_clip("my_video.mp4")   # .frames (T, H, W, 3) uint8, .fps, .audio (16 kHz mono float)
+inputs = model.prepare("Describe what you see and hear.", videos=[clip.frames], video_audio=[clip.audio],
+                       fps=clip.fps, use_audio_in_video=True)
+```
+
+(`model.prepare(text, videos=[frames], video_audio=[wav], fps=2.0, use_audio_in_video=True)` with arrays you
+already have works the same way; a list of prompts makes a batch.)'''
+
+
+def md(text: str):
+    return new_markdown_cell(text.strip("\n"))
+
+
+def code(text: str):
+    return new_code_cell(text.strip("\n"))
+
+
+# ------------------------------------------------------------------------------------------ 01 quickstart
+NB01 = [
+    md('''
+# 1 · Quickstart: an audio-visual LLM, position by position
+
+*Do Audio-Visual LLMs Really See and Hear?* (arXiv 2604.02605) asks what an audio-visual LLM does with the
+sound it is given. Its answer: the audio **is** represented — sound words can be read from the hidden states at
+the audio positions in the middle layers — yet when picture and sound disagree, the answer follows the
+picture: **vision wins in the fusion layers**.
+
+Every question of that kind is about *groups of token positions*: the audio tokens, the video tokens, the
+prompt, the generated answer. This notebook shows the objects av_lens gives you to ask them:
+
+1. load a hooked model — the embedded **model organism**, or a real Qwen2.5-Omni checkpoint;
+2. build inputs and read their **modality layout** (what every position is);
+3. pick positions with **selectors** (`"audio"`, `"all but video"`, `S.video.between(0, 0.5)`);
+4. cache activations, browse the **hook points**, and **generate**.
+
+The organism (see `docs/organism.md`) is a 1.2 M-parameter Qwen2.5-Omni thinker trained on a synthetic world
+of eight sound sources (a dog that looks brown and barks, a bell that rings, ...). It runs on a CPU in seconds
+and, trained with the curriculum real models follow (vision first, audio later), it shows the study's vision
+bias. Change `MODEL` in the next cell to run the same code on a real checkpoint.
+'''),
+    code(SETUP),
+    code(LOAD),
+    md('''
+## Inputs
+
+`world.eval_pairs(n)` returns held-out (factual, counterfactual) clip pairs: the same four frames, with the
+object's own sound or with another class's sound — the study's manipulation. `clip_inputs` asks one of the
+world's questions about each clip, with the soundtrack interleaved into the video (`use_audio_in_video=True`)
+as Qwen2.5-Omni does; it calls `model.prepare`, which runs the checkpoint's native processor.
+'''),
+    md(REAL_MEDIA),
+    code('''
+from av_lens.organism import world
+from av_lens.organism.evaluate import clip_inputs
+
+fact, cf = world.eval_pairs(1)[0]
+print(f"factual:        looks like a {fact.names[0]}, sounds like {fact.names[1]!r}; frames {fact.frames.shape} "
+      f"{fact.frames.dtype}, audio {fact.audio.shape} at {world.SAMPLE_RATE} Hz")
+print(f"counterfactual: looks like a {cf.names[0]}, sounds like {cf.names[1]!r}")
+inputs = clip_inputs(model, [fact, cf], "describe", "av")  # a batch of two prompts
+print(inputs)
+'''),
+    md('''
+## The modality layout
+
+`inputs.layout` tags every position with its modality, media item, time stamp and 3-D TMRoPE position
+(time, height, width). `summary()` prints it run-length encoded: note that the video and its soundtrack start
+at the same time position and are interleaved in 2-second chunks (the organism's clips last one second: one
+chunk, video first).
+'''),
+    code('''
+L = inputs.layout
+print(L.summary())
+print("\\ncounts:", L.counts())
+'''),
+    md('''
+## Selectors
+
+A selector turns a layout into a boolean `[batch, pos]` mask. Strings (`"audio"`, `"audio|video"`,
+`"all but video"`, `"last_prompt"`, marker names) and `S` expressions (`S.audio & S.item(0)`,
+`S.video.between(t0, t1)` in seconds) compose with `| & - ~`. Every analysis tool takes them, and they are
+resolved against the layout of the forward that is running — so `"generated"` means the new tokens during
+`generate`.
+'''),
+    code('''
+for sel in ["audio", "video", "all but video", S.video.between(0, 0.5), S.audio.between(0.5, 1.0),
+            S.audio | S.video, "last_prompt", "audio_bos"]:
+    name = sel if isinstance(sel, str) else sel.name
+    print(f"{name:24s} {L.count(sel):3d} positions, spans {L.spans(sel)}")
+print("\\nmask shape:", tuple(L.mask("audio").shape), "| first audio positions:", L.positions("audio")[:4].tolist())
+print("labels 35..39:", L.labels()[35:40])
+'''),
+    md('''
+## Activations: `run_with_cache`
+
+`run_with_cache` works as in TransformerLens; a `names_filter` keeps only the hooks you need. The cache also
+carries the layout (`cache.layout`), so it can be indexed by modality. Here: how far apart are the residual
+streams of the factual clip (sample 0) and the counterfactual one (sample 1), position group by position
+group? Only the soundtrack differs, so the audio positions differ from the first layer on; the text positions
+that follow them inherit the difference; the video positions of the first chunk come *before* the audio and
+cannot attend to it, so they stay identical.
+'''),
+    code('''
+logits, cache = model.run_with_cache(inputs, names_filter=lambda name: name.endswith("hook_resid_post"))
+print("logits", tuple(logits.shape), "| cached:", list(cache.keys()))
+
+after_media = S.index(range(int(L.positions("media")[-1]) + 1, len(L)))  # explicit positions, as a selector
+groups = {"audio": "audio", "video": "video", "text after media": S.text & after_media}
+print(f"\\nrelative distance |r_cf - r_fact| / |r_fact| by layer")
+print(f"{'layer':>5} " + " ".join(f"{g:>17}" for g in groups))
+for l in range(cfg.n_layers):
+    r = cache[f"blocks.{l}.hook_resid_post"].float()
+    row = []
+    for sel in groups.values():
+        pos = cache.layout.positions(sel, batch=0).to(r.device)  # the two samples share the layout
+        row.append(((r[1, pos] - r[0, pos]).norm(dim=-1) / r[0, pos].norm(dim=-1)).mean().item())
+    print(f"{l:5d} " + " ".join(f"{v:17.3f}" for v in row))
+'''),
+    md('''
+## Hook points
+
+The model's hook points follow TransformerLens's names (`blocks.{l}.hook_resid_pre`, `blocks.{l}.attn.hook_pattern`,
+...), plus the native encoders' outputs and where each modality's embeddings enter the stream
+(`hook_audio_embed`, `hook_video_embed`). `model.hook_dict` maps every name to its `HookPoint`:
+'''),
+    code('''
+import re
+from collections import defaultdict
+
+by_module = defaultdict(set)
+for name in model.hook_dict:
+    module, _, hook = re.sub(r"\\.\\d+(?=\\.)", ".{i}", name).rpartition(".")
+    by_module[module or "(model)"].add(hook)
+print(len(model.hook_dict), "hook points")
+for module, hooks in by_module.items():
+    print(f"  {module:28s} {', '.join(sorted(hooks))}")
+'''),
+    md('''
+## Generate
+
+`model.generate` decodes greedily with a KV cache and the right TMRoPE decode positions; hooks passed as
+`fwd_hooks` are active in the prefill and in every decoding step (notebooks 2, 3 and 6 use that). The
+returned layout has grown by the `generated` positions. Asked what it hears, the organism usually names the
+*picture's* sound on a counterfactual clip — the study's vision bias.
+'''),
+    code('''
+gen = model.generate(inputs, max_new_tokens=8)
+hear = model.generate(clip_inputs(model, [fact, cf], "hear", "av"), max_new_tokens=4)
+for clip, describe, heard in zip([fact, cf], gen.text, hear.text):
+    print(f"{clip.names[0]} + sound of {clip.names[1]:7s} describe -> {describe!r:22s} what do you hear -> {heard!r}")
+print("\\nlayout after generation:", gen.layout.counts())
+print("\\n".join(gen.layout.summary().splitlines()[-2:]))
+'''),
+    md('''
+## Views
+
+`av_lens.views` draws the same objects as HTML in the notebook: here the token strip of the prompt, coloured
+by modality.
+'''),
+    code('''
+from av_lens import views
+
+views.token_strip(inputs.layout, model.tokenizer)
+'''),
+]
+
+# ------------------------------------------------------------------------------------------ 02 attention flow, lens
+NB02 = [
+    md("""
+# 2 · Where does the audio go? Attention flow and the logit lens
+
+The study (arXiv 2604.02605) makes two observations about *where* sound lives inside an audio-visual LLM:
+
+1. **Attention flow.** The tokens the model generates attend to the audio tokens in the first layers, then
+   turn to the video tokens in the deep "fusion" layers.
+2. **Latent audio.** Decoding the hidden states at the audio positions through the unembedding (the logit
+   lens) finds the sound playing — "drill", "engine" — in the middle layers, for 61 % of counterfactual clips,
+   although the answer names it for only 23 %: the audio is *there*, and the answer ignores it.
+
+We measure both on counterfactual clips (the picture of one object with the sound of another) with
+`av_lens.analysis.AttentionFlow` and `av_lens.analysis.logit_lens`.
+"""),
+    code(SETUP),
+    code(LOAD),
+    code(WORD_ID),
+    md("""
+## Inputs: counterfactual clips
+
+24 held-out clips, each the picture of one class with the sound of another, asked to "describe what you see
+and hear". `model.encode` runs the audio and vision towers once and returns inputs that carry their outputs,
+so the runs below skip the encoders.
+"""),
+    md(REAL_MEDIA),
+    code("""
+from av_lens.organism import world
+from av_lens.organism.evaluate import clip_inputs
+
+N = 24
+clips = [cf for _, cf in world.eval_pairs(N)]  # (factual, counterfactual) pairs: keep the counterfactuals
+inputs = model.encode(clip_inputs(model, clips, "describe", "av"))
+print(inputs)
+"""),
+    md("""
+## Attention flow of the generated tokens
+
+`AttentionFlow(model, query, keys)` gives hooks that, inside the forward, reduce each layer's attention of the
+`query` positions to its mass on each named key group — nothing of size layers × heads × T² is stored. With
+`query="generated"` and `generate(..., fwd_hooks=flow.hooks())` it measures the new tokens at every decoding
+step. Key groups are selectors; here the prompt's text and markers form one group.
+"""),
+    code("""
+from av_lens.analysis import AttentionFlow
+
+KEYS = {"audio": "audio", "video": "video", "text": "prompt - audio - video", "generated": "generated"}
+flow = AttentionFlow(model, query="generated", keys=KEYS)
+gen = model.generate(inputs, max_new_tokens=4, fwd_hooks=flow.hooks())
+res = flow.result()  # res.mass: [clip, layer, head, group]
+print("captions:", gen.text[:4], "...\\n")
+print("share of the generated tokens' attention (mean over heads, tokens and clips):")
+print(res.table())
+"""),
+    md("""
+The organism reproduces the study's pattern: audio dominates the first layer, video the following ones.
+
+A share of attention mass favours groups with many tokens. `per_token=True` divides each group's mass by the
+number of its keys the query can see — the mean attention *per key token* — which matters on a real model,
+where a 10-second clip gives ~3,000 video tokens and ~250 audio tokens.
+"""),
+    code("""
+flow_pt = AttentionFlow(model, query="generated", keys=KEYS, per_token=True)
+model.generate(inputs, max_new_tokens=4, fwd_hooks=flow_pt.hooks())
+print("mean attention per key token:")
+print(flow_pt.result().table(digits=4))
+"""),
+    md("""
+Per head: `res.group(name)` is the `[layer, head]` map of one key group. Heads differ a lot within a layer —
+notebook 4 ablates them one by one.
+"""),
+    code("""
+for group in ("audio", "video"):
+    m = res.group(group)
+    print(f"{group:5s} " + " ".join(f"head {h:<3d}" for h in range(m.shape[1])))
+    for i, l in enumerate(res.layers):
+        print(f"L{l:<4d} " + " ".join(f"{v:8.3f}" for v in m[i].tolist()))
+"""),
+    md("""
+## Logit lens at the audio positions
+
+`logit_lens(model, inputs, "audio", targets=..., k=5)` decodes the residual stream after every layer at the
+audio positions (with the final norm applied; `include_embed=True` adds the embeddings — for audio positions,
+the audio tower's output — as layer -1). It keeps only the top-k tokens and the ranks of the `targets`:
+`target_rank` is `[layer, position, target]` (1 = top-1), and `positions` lists the `(clip, position)` of each
+column. Below, for one clip: how high the sound playing and the picture's sound rank at its audio positions.
+"""),
+    code("""
+from av_lens.analysis import logit_lens
+
+SOUND_WORDS = list(world.SOUNDS)  # the targets: every sound word
+lens = logit_lens(model, inputs, "audio", targets=[word_id(w) for w in SOUND_WORDS], k=5, include_embed=True)
+print("layers", lens.layers, "| columns", len(lens.positions), "| target_rank", tuple(lens.target_rank.shape))
+c = clips[0]
+cols = [j for j, (b, _) in enumerate(lens.positions) if b == 0]  # the columns of clip 0
+print(f"\\nclip 0: picture of a {c.names[0]}, sound of {c.names[1]!r}.")
+print(f"Best rank over its {len(cols)} audio positions of the sound playing and of the picture's sound:")
+print(f"{'layer':>5} {'playing':>8} {'picture':>8}   top 5 where the sound playing ranks best")
+for i, l in enumerate(lens.layers):
+    ranks = lens.target_rank[i, cols]                        # [position, target]
+    j = cols[int(ranks[:, c.sound].argmin())]
+    top = ", ".join(f"{w} {p:.2f}" for w, p in lens.top_tokens(l, j))
+    print(f"{l:5d} {int(ranks[:, c.sound].min()):8d} {int(ranks[:, c.look].min()):8d}   {top}")
+"""),
+    md("""
+## Latent hit vs the answer
+
+For each clip: is the sound actually playing in the top 5 at *some* audio position of layer l? And for
+comparison, the picture's sound (the audio positions come after the video of their chunk and attend to it,
+so the picture leaks into them). Then: how often does the answer to "what do you hear?" name the sound playing?
+"""),
+    code("""
+def hit_rate(class_of_clip):
+    \"\"\"Fraction of clips whose given sound word is in the top 5 at some audio position, per layer and at any.\"\"\"
+    cols = torch.arange(len(lens.positions))
+    target = torch.tensor([class_of_clip(clips[b]) for b, _ in lens.positions])  # index into SOUND_WORDS
+    in_top = lens.target_rank[:, cols, target] <= 5                             # [layer, column]
+    hit = torch.zeros(len(lens.layers), N, dtype=torch.bool)
+    for j, (b, _) in enumerate(lens.positions):
+        hit[:, b] |= in_top[:, j]
+    return hit.float().mean(1), hit.any(0).float().mean().item()
+
+playing, playing_any = hit_rate(lambda c: c.sound)
+picture, picture_any = hit_rate(lambda c: c.look)
+print(f"{'layer':>5} {'sound playing':>14} {'picture sound':>14}")
+for l, a, b in zip(lens.layers, playing.tolist(), picture.tolist()):
+    print(f"{l:5d} {a:14.2f} {b:14.2f}")
+print(f"{'any':>5} {playing_any:14.2f} {picture_any:14.2f}")
+
+hear = model.generate(clip_inputs(model, clips, "hear", "av"), max_new_tokens=4)
+def names(word, text):
+    return word in text.lower().split()
+said_sound = sum(names(world.SOUNDS[c.sound], t) for c, t in zip(clips, hear.text)) / N
+said_picture = sum(names(world.SOUNDS[c.look], t) for c, t in zip(clips, hear.text)) / N
+print(f"\\n'what do you hear?' names the sound playing for {said_sound:.2f} of the clips, "
+      f"the picture's sound for {said_picture:.2f}")
+"""),
+    md("""
+As in the study, the sound playing is readable at the audio positions for most clips (a latent hit at some
+layer), while the answer names it for a minority: the information is present and unused. Notebook 3 tests
+causally why, by cutting the generated tokens' access to the video.
+
+## Views
+"""),
+    code("""
+from av_lens import views
+
+display(views.attention_by_layer(res))
+one = clip_inputs(model, clips[:1], "describe", "av")  # the lens grid of one clip: layers x audio positions
+views.logit_lens_grid(logit_lens(model, one, "audio", targets=[word_id(clips[0].names[1])], k=5, include_embed=True),
+                      one.layout)
+"""),
+]
+
+# ------------------------------------------------------------------------------------------ 03 knockout
+NB03 = [
+    md("""
+# 3 · Knocking out the picture recovers the sound
+
+Notebook 2 showed that the sound is represented but not used. The study's causal test is **attention
+knockout**: block the edges from the generated tokens to the video tokens (G↛V) in a window of layers — in
+the prefill and at every decoding step — and the captions of counterfactual clips name the sound actually
+playing more often (≈ +50 % relative audio fidelity in deep layers); block the edges to the audio tokens
+(G↛A) instead and fidelity falls. The picture wins because of where attention is routed in the fusion layers.
+
+Tools: `knockout_hooks` (hooks for `generate` or `run_with_hooks`), `knockout_sweep` over
+`sliding_windows` / `from_layer_windows`, and a caption-fidelity metric (`KeywordScorer`, `fidelity`).
+"""),
+    code(SETUP),
+    code(LOAD),
+    code(WORD_ID),
+    md("""
+## Inputs and the metric
+
+24 held-out counterfactual clips, asked to describe what they show and sound like. **Audio fidelity** of a
+caption: does it name the sound that is playing? `KeywordScorer(vocabulary)` scores a caption against a
+reference by the vocabulary's keywords it contains; `fidelity` scores a list. For a real model, use a
+vocabulary that fits your clips, or `LLMJudgeScorer(judge)` with a judge model you supply (any callable from
+prompt to reply).
+"""),
+    md(REAL_MEDIA),
+    code("""
+from av_lens.analysis import KeywordScorer, fidelity
+from av_lens.organism import world
+from av_lens.organism.evaluate import clip_inputs
+
+N = 24
+clips = [cf for _, cf in world.eval_pairs(N)]
+inputs = model.encode(clip_inputs(model, clips, "describe", "av"))  # encoders run once
+
+scorer = KeywordScorer(world.SOUNDS)                  # closed vocabulary: the eight sound words
+references = [world.SOUNDS[c.sound] for c in clips]   # what is actually heard
+
+def audio_fidelity(gen, _inputs=None):
+    \"\"\"Mean caption fidelity to the sound playing (a knockout_sweep metric takes (generation, inputs)).\"\"\"
+    return fidelity(gen.text, references, scorer).mean()
+"""),
+    md("""
+## One knockout, in `generate`
+
+`knockout_hooks(model, query, keys, layers)` edits each chosen layer's additive attention mask
+(`blocks.{l}.attn.hook_attn_mask`): blocked query→key entries get −∞, and the selectors are resolved in every
+forward, so `"generated"` blocks the new token at each decoding step. (The organism has 4 layers; on a real
+checkpoint choose deep windows, e.g. `range(20, 36)` of Qwen2.5-Omni-3B's 36 layers.)
+"""),
+    code("""
+from av_lens.analysis import knockout_hooks
+
+KO_LAYERS = [1]
+plain = model.generate(inputs, max_new_tokens=4)
+no_video = model.generate(inputs, max_new_tokens=4, fwd_hooks=knockout_hooks(model, "generated", "video", KO_LAYERS))
+print(f"{'picture + sound playing':26s} {'caption':18s} caption with G-/->V in layers {KO_LAYERS}")
+for c, a, b in list(zip(clips, plain.text, no_video.text))[:8]:
+    print(f"{c.names[0] + ' + ' + c.names[1]:26s} {a!r:18s} {b!r}")
+print(f"\\naudio fidelity: {audio_fidelity(plain):.3f} -> {audio_fidelity(no_video):.3f} with the knockout")
+"""),
+    md("""
+## Sweeps over layer windows
+
+`knockout_sweep(model, inputs, query, keys, windows, metric, generate=...)` runs the metric once without
+knockout (the baseline) and once per window; with `generate=dict(max_new_tokens=...)` the metric receives
+each generation. `sliding_windows(n, width)` gives windows of `width` layers; `from_layer_windows(n)` gives
+"from layer l to the last".
+"""),
+    code("""
+from av_lens.analysis import from_layer_windows, knockout_sweep, sliding_windows
+
+n = cfg.n_layers
+GEN = dict(max_new_tokens=4)
+single = {keys: knockout_sweep(model, inputs, "generated", keys, sliding_windows(n, 1), audio_fidelity,
+                               generate=GEN, progress=False) for keys in ("video", "audio")}
+onward = {keys: knockout_sweep(model, inputs, "generated", keys, from_layer_windows(n)[:-1], audio_fidelity,
+                               generate=GEN, progress=False) for keys in ("video", "audio")}
+
+print(f"caption audio fidelity (no knockout: {float(single['video'].baseline):.3f})")
+print(f"{'layers':>8} {'G-/->V':>8} {'G-/->A':>8}")
+for sweeps in (single, onward):
+    for w, v, a in zip(sweeps["video"].windows, sweeps["video"].values.tolist(), sweeps["audio"].values.tolist()):
+        print(f"{f'{w.start}-{w.stop - 1}':>8} {v:8.3f} {a:8.3f}")
+"""),
+    md("""
+Blocking the picture in one early layer raises audio fidelity above the baseline; blocking the sound lowers
+it — the study's G↛V / G↛A asymmetry. Blocking the video in *all* layers is not the best: the caption's sound
+word is conditioned on its object word, which needs the picture.
+
+Each sweep also has a `table()` with the effect (metric − baseline) per window:
+"""),
+    code("""
+print(single["video"].table())
+"""),
+    md("""
+## A one-word answer: knockout in the prefill only
+
+Without `generate`, the metric receives the logits of one forward. Ask "what do you hear?" and block the
+**last prompt token** (which produces the answer) from the video keys from layer l on; the metric is the
+fraction of clips whose answer is the sound playing.
+"""),
+    code("""
+hear = model.encode(clip_inputs(model, clips, "hear", "av"))
+playing = torch.tensor([word_id(world.SOUNDS[c.sound]) for c in clips])
+
+def follows_sound(logits, _inputs=None):
+    return (logits[:, -1].argmax(-1).cpu() == playing).float().mean()
+
+sweep = knockout_sweep(model, hear, "last_prompt", "video", from_layer_windows(n), follows_sound, progress=False)
+print("answer names the sound playing; window = last prompt token -/-> video from layer l on")
+print(sweep.table())
+"""),
+    md("""
+## Views
+"""),
+    code("""
+from av_lens import views
+
+views.knockout_curves({"G-/->V": single["video"], "G-/->A": single["audio"]},
+                      title="Caption audio fidelity, one layer knocked out")
+"""),
+]
+
+# ------------------------------------------------------------------------------------------ 04 patching
+NB04 = [
+    md("""
+# 4 · Patching and ablation: which activations carry the sound into the answer?
+
+The study's counterfactual pairs keep a clip's frames and swap its soundtrack. Run both, copy one
+activation from one run into the other, and watch the answer: **activation patching** localises where the
+difference between the runs — the sound — is carried. av_lens does this by *modality*: patch the audio, the
+video or the text positions of a layer's residual stream, attention output or MLP output; patch only the
+edges from video (or audio) positions to the answer position (**path patching**); ablate, head by head, the
+part of a head's output read from audio or from video keys (**head effect tables**).
+
+If vision wins in the fusion layers, the sound's information should reach the answer through few routes —
+and some heads should carry the picture *against* it.
+"""),
+    code(SETUP),
+    code(LOAD),
+    code(WORD_ID),
+    md("""
+## A position-aligned pair
+
+Patching position by position needs the two inputs to have the same tokens at the same positions.
+`counterfactual_pair(model, frames, audio, other_audio, question)` builds the factual input and the
+counterfactual one, trimming or padding the swapped soundtrack so that they align, and records what it did;
+`organism_pairs` does it for clips of the organism's world (the held-out set uses `world.EVAL_SEED`).
+
+**With your own media:** `pair = counterfactual_pair(model, clip.frames, clip.audio, other.audio,
+"What do you hear?", fps=clip.fps)` with clips from `av_lens.media.load_clip`, then `require_aligned(pair)`.
+"""),
+    code("""
+from av_lens.analysis import organism_pairs, require_aligned
+from av_lens.organism import world
+
+pair = require_aligned(organism_pairs(model, 1, seed=world.EVAL_SEED, question="hear")[0])
+print("aligned:", pair.aligned, "|", pair.note)
+print("meta:", pair.meta)
+for name, inp in (("factual", pair.factual), ("counterfactual", pair.counterfactual)):
+    print(f"{name:15s} {inp.layout.counts()} -> {model.generate(inp, max_new_tokens=2).text[0]!r}")
+"""),
+    md("""
+## A batch of pairs and a metric
+
+For statistics, batch 16 held-out pairs: the counterfactual clips (picture of A, sound of B) and their
+factual twins (picture of A, sound of A), asked "what do you hear?". Both batches are aligned (same frames,
+soundtracks of the same length).
+
+The metric traces the sound B: the logit of B's sound word minus that of A's at the answer position, averaged
+over the batch. **Clean** run = the counterfactual clips (they carry B); **corrupted** run = the factual ones.
+Patching an activation from clean into corrupted and recovering the metric means that activation carries
+the sound B to the answer.
+"""),
+    code("""
+from av_lens.organism.evaluate import clip_inputs
+
+N = 16
+pairs = world.eval_pairs(N)
+clean = model.encode(clip_inputs(model, [cf for _, cf in pairs], "hear", "av"))       # picture A, sound B
+corrupted = model.encode(clip_inputs(model, [f for f, _ in pairs], "hear", "av"))     # picture A, sound A
+sound_b = torch.tensor([word_id(world.SOUNDS[cf.sound]) for _, cf in pairs])
+sound_a = torch.tensor([word_id(world.SOUNDS[cf.look]) for _, cf in pairs])
+
+def sound_b_vs_a(logits):
+    last = logits[:, -1].float().cpu()
+    return (last.gather(1, sound_b[:, None]) - last.gather(1, sound_a[:, None])).mean()
+
+with torch.no_grad():
+    print(f"metric: clean {sound_b_vs_a(model(clean)):.3f}, corrupted {sound_b_vs_a(model(corrupted)):.3f}")
+"""),
+    md("""
+## Patching by modality
+
+`patch_by_modality(model, clean, corrupted, metric, components, sets)` patches each component at each layer,
+at the positions of each set, and returns the metric per `[layer, set]`; `recovered(component)` rescales it
+to the fraction of the clean − corrupted gap restored (1 = all of it). It drives TransformerLens's
+`generic_activation_patch` (which prints a progress bar).
+"""),
+    code("""
+from av_lens.analysis import patch_by_modality
+
+patch = patch_by_modality(model, clean, corrupted, sound_b_vs_a,
+                          components=("resid_pre", "attn_out", "mlp_out"), sets=("audio", "video", "text"))
+print(f"\\nfraction of the gap recovered (clean {patch.clean:.3f}, corrupted {patch.corrupted:.3f})")
+print(f"{'layer':>5} | " + " | ".join(f"{c:^23s}" for c in patch.values))
+print(f"{'':>5} | " + " | ".join(" ".join(f"{s:>7s}" for s in patch.sets) for _ in patch.values))
+for i, l in enumerate(patch.layers):
+    cells = [" ".join(f"{v:7.2f}" for v in patch.recovered(c)[i].tolist()) for c in patch.values]
+    print(f"{l:5d} | " + " | ".join(cells))
+"""),
+    md("""
+Reading the table: at layer 0 the audio positions hold everything (the soundtrack is the only difference);
+from layer 1 on, part of it has moved into the text positions — the question and the answer position — by
+attention (`attn_out` at the text positions). The video positions never carry it: in the organism's
+one-second clips the video tokens come before the audio ones and cannot attend to them.
+
+## Path patching: video → answer, audio → answer
+
+`path_patch(model, clean, corrupted, metric, senders, receivers)` patches, in one layer's heads, only the
+contribution `Σ_{k∈senders} A[q,k]·v[k]` at the receiver queries, and returns the metric per layer (or per
+layer and head with `heads_per_layer=True`).
+"""),
+    code("""
+from av_lens.analysis import path_patch
+
+gap = patch.clean - patch.corrupted
+pp = {s: (path_patch(model, clean, corrupted, sound_b_vs_a, senders=s, receivers="last_prompt") - patch.corrupted) / gap
+      for s in ("video", "audio")}
+print(f"{'layer':>5} {'video -> answer':>16} {'audio -> answer':>16}   (fraction recovered)")
+for l in range(cfg.n_layers):
+    print(f"{l:5d} {pp['video'][l]:16.3f} {pp['audio'][l]:16.3f}")
+
+heads = (path_patch(model, clean, corrupted, sound_b_vs_a, senders="audio", receivers="last_prompt",
+                    heads_per_layer=True) - patch.corrupted) / gap
+print("\\naudio -> answer, per head:")
+for l in range(cfg.n_layers):
+    print(f"  layer {l}: " + " ".join(f"{v:6.3f}" for v in heads[l].tolist()))
+"""),
+    md("""
+The direct video → answer edges carry almost none of the sound (the video activations are the same in both
+runs; only the answer's attention to them changes); the audio → answer edges of a few heads in the first
+layers carry part of it.
+
+## Head effect tables: who reads audio, who reads video?
+
+`head_effect_table(model, inputs, metric, keys=..., query=...)` ablates, one head at a time, the part of the
+head's output read from `keys` at the `query` positions, and returns metric(ablated) − metric(clean) as
+`[layer, head]`. On the counterfactual clips: a negative effect with `keys="audio"` marks a head that
+carries the sound playing into the answer; a positive effect with `keys="video"` marks a head that carries
+the picture *against* it.
+"""),
+    code("""
+from av_lens.analysis import head_effect_table
+
+effects = {keys: head_effect_table(model, clean, sound_b_vs_a, keys=keys, query="last_prompt", progress=False)
+           for keys in ("audio", "video")}
+print("change of the metric when one head's reads from audio / video keys are zeroed (answer position only)")
+print(f"{'':7s}" + "".join(f"{'audio h' + str(h):>10s}" for h in range(cfg.n_heads))
+      + "".join(f"{'video h' + str(h):>10s}" for h in range(cfg.n_heads)))
+for l in range(cfg.n_layers):
+    print(f"layer {l}" + "".join(f"{v:10.3f}" for v in effects["audio"][l].tolist())
+          + "".join(f"{v:10.3f}" for v in effects["video"][l].tolist()))
+layer, head = divmod(int(effects["video"].argmax()), cfg.n_heads)
+print(f"\\nstrongest head carrying the picture against the sound: layer {layer}, head {head}")
+"""),
+    md("""
+`head_ablation_hooks(model, [(layer, head)], keys="video", query="generated")` gives the same ablation as
+hooks for `generate`; `mode="mean"` or `"resample"` replace the removed part instead of zeroing it.
+
+## Views
+"""),
+    code("""
+from av_lens import views
+
+display(views.patching_heatmap(patch, "resid_pre"))
+views.patching_heatmap(patch, "attn_out")
+"""),
+]
+
+# ------------------------------------------------------------------------------------------ 05 base model
+NB05 = [
+    md("""
+# 5 · Inherited from the base: token shift and probes
+
+Audio-visual LLMs are built on a vision-language (or text) model and tuned further with audio. The study asks
+what that tuning changed: teacher-force the AVLLM's captions into its base model, and most tokens — most sound
+words too — are ones the base would have said as well (of the sound words, 66 % unshifted and 85 % within
+the base's top 3). The AVLLM describes a clip much as its vision-language base did; the sound has to fight a prior
+learned from pictures. Yet the audio is decodable from its hidden states: linear probes read the sound's
+class at the audio positions.
+
+The organism was built the same way: `av-lens/organism-base` is its vision-language stage, before audio was
+added. We compare the two with `token_shift_batch` and with per-layer linear probes (`pooled_residuals` +
+`probe_layers`).
+"""),
+    code(SETUP),
+    code(LOAD + """
+
+BASE = "av-lens/organism-base" if organism else MODEL  # for a real model: its base model, with the same tokenizer
+base = HookedAVTransformer.from_pretrained(BASE, dtype="float32" if organism else "bfloat16", device=device)"""),
+    md("""
+## Token shift on counterfactual captions
+
+`token_shift_batch(model, base, inputs, base_inputs)` generates the AVLLM's answers (greedy), teacher-forces
+them into the base with its own prompt, and returns, per prompt, each output token's rank under the base:
+**unshifted** (rank 1), **marginal** (2–3) or **shifted**, with the base's probability and the KL divergence
+between the two next-token distributions. The base sees the same clips; it never learned to use audio.
+"""),
+    md(REAL_MEDIA),
+    code("""
+from av_lens.analysis import token_shift_batch
+from av_lens.analysis.token_shift import pooled_fractions
+from av_lens.organism import world
+from av_lens.organism.evaluate import clip_inputs
+
+N = 24
+clips = [cf for _, cf in world.eval_pairs(N)]
+results = token_shift_batch(model, base, clip_inputs(model, clips, "describe", "av"),
+                            clip_inputs(base, clips, "describe", "av"), max_new_tokens=4)
+print(results[0].table())
+print("\\nall tokens:", {k: round(v, 3) for k, v in pooled_fractions(results).items()},
+      f"| mean KL {torch.tensor([r.mean_kl for r in results]).nanmean():.3f} nats")
+"""),
+    md("""
+Only the sound words matter for the study's question: did the tuning change *what is heard*?
+"""),
+    code("""
+sound = [(r.category[i], int(r.ranks[i]))
+         for r in results for i, s in enumerate(r.strings) if s.strip() in world.SOUNDS]
+cats = [c for c, _ in sound]
+print(f"{len(sound)} sound words:",
+      {c: round(cats.count(c) / len(cats), 3) for c in ("unshifted", "marginal", "shifted")})
+print(f"within the base's top 3: {sum(r <= 3 for _, r in sound) / len(sound):.2f}")
+print("\\ncaptions with a token the base ranks below 1 (picture + sound playing: caption, base's rank per token):")
+for c, r in [(c, r) for c, r in zip(clips, results) if int(r.ranks.max()) > 1][:6]:
+    print(f"  {c.names[0] + ' + ' + c.names[1]:16s} {' '.join(s.strip() for s in r.strings):28s} {r.ranks.tolist()}")
+"""),
+    md("""
+## Is the audio there? Linear probes by layer
+
+`pooled_residuals(model, inputs, "audio")` mean-pools the residual stream over each clip's audio positions at
+every layer, inside the forward: `[layer, clip, d_model]`, layer 0 = the embeddings (the audio tower's
+output). `probe_layers(features, labels)` fits one L2-regularised logistic-regression probe per layer on a
+seeded split and reports held-out accuracy, with a shuffled-label control. We probe the class of the sound
+*playing*, on factual and counterfactual clips, in both models.
+"""),
+    code("""
+from av_lens.analysis import pooled_residuals, probe_layers
+
+pairs = world.eval_pairs(48)
+probe_clips = [f for f, _ in pairs] + [cf for _, cf in pairs]
+labels = torch.tensor([c.sound for c in probe_clips])
+probes = {}
+for name, m in (("organism", model), ("base", base)):
+    feats = pooled_residuals(m, clip_inputs(m, probe_clips, "hear", "av"), "audio")
+    probes[name] = probe_layers(feats, labels, n_classes=world.N_CLASSES, seed=0)
+
+o, b = probes["organism"], probes["base"]
+print(f"probe for the sound's class at the audio positions (held-out; chance {o.chance:.2f})")
+print(f"{'residual':>12} {'organism':>9} {'control':>8} {'base':>7} {'control':>8}")
+for i, l in enumerate(o.layers):
+    print(f"{'embeddings' if l == 0 else f'after L{l - 1}':>12} {o.accuracy[i]:9.2f} {o.control_accuracy[i]:8.2f} "
+          f"{b.accuracy[i]:7.2f} {b.control_accuracy[i]:8.2f}")
+"""),
+    md("""
+Read together: the organism's audio positions carry the sound's class at every layer, far above the control —
+the audio is there — while its captions keep mostly the base's words. The base's untrained audio tower already
+separates the classes at the embeddings, but its language layers, never trained on audio, wash that out.
+
+## Views
+"""),
+    code("""
+from av_lens import views
+
+display(views.token_shift(results[0]))
+views.probe_accuracy(probes)
+"""),
+]
+
+# ------------------------------------------------------------------------------------------ 06 your own hook
+NB06 = [
+    md("""
+# 6 · Writing your own hook
+
+The built-in tools are hooks plus bookkeeping. When a question needs something they do not offer — *the
+study finds that vision wins in the fusion layers: what if the video tokens carried nothing specific to the
+picture, with attention left as it is?* — you write a TransformerLens hook: a function `fn(activation, hook)` that returns a replacement
+(or `None` to leave it unchanged). What av_lens adds is `model.run_state`: while a hook runs, it holds the
+**layout** of everything seen so far and which positions the current forward computes, so a hook can act on
+audio or video positions only — in a prefill, in every decoding step of `generate`, and in a teacher-forced
+forward alike.
+"""),
+    code(SETUP),
+    code(LOAD + "\n\n" + WORD_ID),
+    md(REAL_MEDIA),
+    code("""
+from av_lens.analysis import KeywordScorer, fidelity
+from av_lens.organism import world
+from av_lens.organism.evaluate import clip_inputs
+
+N = 24
+clips = [cf for _, cf in world.eval_pairs(N)]                         # picture of A, sound of B
+hear = model.encode(clip_inputs(model, clips, "hear", "av"))          # "what do you hear?"
+describe = model.encode(clip_inputs(model, clips, "describe", "av"))
+playing = torch.tensor([word_id(world.SOUNDS[c.sound]) for c in clips])
+picture = torch.tensor([word_id(world.SOUNDS[c.look]) for c in clips])
+scorer, refs = KeywordScorer(world.SOUNDS), [world.SOUNDS[c.sound] for c in clips]
+
+def answers(logits):
+    \"\"\"(fraction of answers naming the sound playing, fraction naming the picture's sound).\"\"\"
+    top = logits[:, -1].argmax(-1).cpu()
+    return round((top == playing).float().mean().item(), 3), round((top == picture).float().mean().item(), 3)
+
+def audio_fidelity(gen):
+    return fidelity(gen.text, refs, scorer).mean().item()
+"""),
+    md("""
+## What a hook sees: `model.run_state`
+
+`run_state.layout` covers every position so far; the current forward computes positions
+`query_start .. query_start + n_query - 1` (the whole prompt in the prefill, one new token per decoding step).
+"""),
+    code("""
+seen = []
+
+def spy(resid, hook):
+    st = model.run_state
+    seen.append((hook.name, tuple(resid.shape), st.query_start, st.n_query, st.is_decoding, len(st.layout),
+                 st.layout.count("audio"), st.layout.count("generated")))
+
+model.generate(clip_inputs(model, clips[:1], "describe", "av"), max_new_tokens=3,
+               fwd_hooks=[("blocks.1.hook_resid_pre", spy)])
+print(f"{'hook':24s} {'shape':>14s} {'start':>5s} {'n':>3s} {'decoding':>8s} {'len':>4s} {'audio':>5s} {'gen':>4s}")
+for name, shape, start, n, decoding, length, audio, generated in seen:
+    print(f"{name:24s} {str(shape):>14s} {start:5d} {n:3d} {str(decoding):>8s} {length:4d} {audio:5d} {generated:4d}")
+"""),
+    md("""
+## A hook on the audio positions: scale the audio residual at layer 1
+
+The selector's mask on the running layout, sliced to the positions this forward computes, says where to act.
+The same hook is a no-op in decoding steps (no audio among the new positions).
+"""),
+    code("""
+def scale_positions(sel, factor):
+    \"\"\"A hook multiplying the residual stream at `sel`'s positions by `factor`.\"\"\"
+    def hook(resid, hook):
+        st = model.run_state
+        here = st.layout.mask(sel)[:, st.query_start:st.query_start + st.n_query].to(resid.device)
+        return torch.where(here[..., None], resid * factor, resid)
+    return hook
+
+print(f"{'audio x':>8} {'answers (sound, picture)':>26}")
+with torch.no_grad():
+    for factor in (0.0, 0.5, 1.0, 2.0, 4.0):
+        logits = model.run_with_hooks(hear, fwd_hooks=[("blocks.1.hook_resid_pre", scale_positions("audio", factor))])
+        print(f"{factor:8.1f} {str(answers(logits)):>26}")
+"""),
+    md("""
+Removing the audio residual (×0) pushes the answers further to the picture, but making it *louder* does little:
+every layer reads a position through an RMSNorm — its direction, not its size. (Re-weighting attention is
+similarly weak here: the answer's heads attend almost only to audio or only to video, so multiplying their
+attention by a factor barely moves them; the study cuts edges instead — notebook 3.)
+"""),
+    md("""
+## A hook on values: mean-ablate the video
+
+Attention reads a key position's *value*. Replacing the values at the video positions by their mean (per
+clip) removes what is specific to the picture while keeping the attention pattern. `hook_v` is
+`[batch, pos, kv_head, d_head]`. In `generate`, decoding steps compute only the new token's value: the cached
+video values were already replaced in the prefill, so the hook leaves the new positions alone.
+"""),
+    code("""
+def mean_ablate_values(sel):
+    \"\"\"A hook replacing the attention values at `sel`'s positions by their mean over those positions, per sample.\"\"\"
+    def hook(v, hook):
+        st = model.run_state
+        here = st.layout.mask(sel)[:, st.query_start:st.query_start + st.n_query].to(v.device)
+        if not here.any():  # a decoding step: nothing of `sel` among the new positions
+            return v
+        w = here[..., None, None].to(v.dtype)
+        mean = (v * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)
+        return torch.where(here[..., None, None], mean, v)
+    return hook
+
+def mean_ablated_video(layers):
+    return [(f"blocks.{l}.attn.hook_v", mean_ablate_values("video")) for l in layers]
+
+print(f"{'video values mean-ablated in':>30} {'answers (sound, picture)':>26} {'caption fidelity':>17}")
+for layers in ([], [0], [1], [2, 3], [0, 1, 2, 3]):
+    hooks = mean_ablated_video(layers)
+    with torch.no_grad():
+        ans = answers(model.run_with_hooks(hear, fwd_hooks=hooks))
+    cap = audio_fidelity(model.generate(describe, max_new_tokens=4, fwd_hooks=hooks))
+    print(f"{str(layers) if layers else 'none':>30} {str(ans):>26} {cap:17.3f}")
+"""),
+    md("""
+Removing what is specific to the picture from the video in one early layer moves answers and captions
+towards the sound playing; removing it everywhere leaves the model naming neither sound.
+"""),
+    md("""
+## Composing with the built-in tools
+
+Hooks are plain `(name, fn)` pairs or a `model.hooks(...)` context, so yours compose with everything else.
+First, check that the hook does what it says: cache layer 0's values while it runs — every video position
+should now hold the same value.
+"""),
+    code("""
+for name, extra in (("plain", []), ("mean-ablated in layer 0", mean_ablated_video([0]))):
+    with model.hooks(fwd_hooks=extra):
+        _, cache = model.run_with_cache(hear, names_filter="blocks.0.attn.hook_v")
+    v = cache["blocks.0.attn.hook_v"]                        # [batch, pos, kv_head, d_head]
+    video = cache.layout.mask("video").to(v.device)
+    spread = v[video].reshape(N, -1, *v.shape[2:]).std(dim=1).mean().item()  # over each clip's video positions
+    print(f"{name:24s} std of layer-0 values across video positions: {spread:.4f}")
+"""),
+    md("""
+Then with a built-in knockout and attention flow in `generate`: block the generated tokens from the video in
+layer 1 (`knockout_hooks`), add your mean-ablation in layers 2–3, and measure where the generated tokens look
+(`AttentionFlow`). Its default method recomputes attention from q and k with the plain causal mask; when another
+hook edits the mask, as a knockout does, use `method="pattern"`.
+"""),
+    code("""
+from av_lens.analysis import AttentionFlow, knockout_hooks
+
+KEYS = {"audio": "audio", "video": "video", "text": "prompt - audio - video"}
+knockout = knockout_hooks(model, "generated", "video", [1])
+for name, extra in (("plain", []), ("G-/->V in layer 1", knockout),
+                    ("same + video values mean-ablated in 2-3", knockout + mean_ablated_video([2, 3]))):
+    flow = AttentionFlow(model, "generated", KEYS, method="pattern")
+    gen = model.generate(describe, max_new_tokens=4, fwd_hooks=extra + flow.hooks())
+    to_video = flow.result().by_layer()[:, list(KEYS).index("video")]
+    print(f"{name:40s} caption fidelity {audio_fidelity(gen):.3f} | attention to video by layer "
+          + " ".join(f"{v:.2f}" for v in to_video.tolist()))
+    print(f"{'':40s} e.g. {gen.text[1:4]}")
+"""),
+    md("""
+Read the outputs, not only the metric: with the video's values mean-ablated in layers 2–3, several captions
+stop after the object word — the intervention broke the caption's format rather than redirecting it to the
+sound.
+"""),
+    md("""
+## Hooks are removed, even after an exception
+
+`run_with_hooks`, `run_with_cache` and `generate` attach the hooks for the call and remove them afterwards —
+also when a hook raises. `model.hooks(fwd_hooks=...)` does the same as a context manager; `model.add_hook`
+attaches a hook until `model.reset_hooks()`.
+"""),
+    code("""
+def broken(resid, hook):
+    raise RuntimeError(f"a bug in my hook at {hook.name}")
+
+point = model.hook_dict["blocks.1.hook_resid_pre"]
+for run in (lambda hooks: model.run_with_hooks(hear, fwd_hooks=hooks),
+            lambda hooks: model.generate(describe, max_new_tokens=2, fwd_hooks=hooks)):
+    try:
+        run([("blocks.1.hook_resid_pre", scale_positions("audio", 2.0)), ("blocks.2.hook_resid_pre", broken)])
+    except RuntimeError as e:
+        print("caught:", e)
+    print("  hooks left on blocks.1.hook_resid_pre:", point.has_hooks(), "| model.run_state:", model.run_state)
+
+with torch.no_grad():
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", scale_positions("audio", 0.0))]):
+        print("\\ninside model.hooks(...):", point.has_hooks(), "| answers (sound, picture):", answers(model(hear)))
+    print("after:                  ", point.has_hooks(), "| answers (sound, picture):", answers(model(hear)))
+"""),
+    md("""
+## Views
+
+`views.attention_heads(model, inputs, layer)` runs its own forward — inside `model.hooks(...)` it sees your
+hooks too. Below: layer 2's heads (attention pooled by modality segment) on one clip, then with the video's
+values mean-ablated in layers 0–1.
+"""),
+    code("""
+from av_lens import views
+
+one = clip_inputs(model, clips[:1], "describe", "av")
+display(views.attention_heads(model, one, layer=2))
+with model.hooks(fwd_hooks=mean_ablated_video([0, 1])):
+    ablated = views.attention_heads(model, one, layer=2)
+ablated
+"""),
+]
+
+NOTEBOOKS = {
+    "01_quickstart.ipynb": NB01,
+    "02_where_does_the_audio_go.ipynb": NB02,
+    "03_knockout_recovers_audio.ipynb": NB03,
+    "04_patching_and_ablation.ipynb": NB04,
+    "05_inherited_from_the_base.ipynb": NB05,
+    "06_your_own_hook.ipynb": NB06,
+}
+
+
+def build(name: str, cells) -> nbformat.NotebookNode:
+    nb = new_notebook(cells=cells)
+    for i, cell in enumerate(nb.cells):  # stable ids, so that regenerating gives the same files
+        cell.id = f"{name[:2]}-{i:02d}"
+    nb.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def render(name: str, cells) -> str:
+    """The notebook file's text (outputs empty)."""
+    nb = build(name, cells)
+    nbformat.validate(nb)
+    text = nbformat.writes(nb)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def main() -> None:
+    for name, cells in NOTEBOOKS.items():
+        (HERE / name).write_text(render(name, cells), encoding="utf-8")
+        print("wrote", HERE / name)
+
+
+if __name__ == "__main__":
+    main()
