@@ -11,10 +11,11 @@ renamed, so a crash never leaves half a report.
 from __future__ import annotations
 
 import html as _html
+import itertools
 import json
 import os
+import re
 import tempfile
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -58,11 +59,14 @@ def circuitsvis_bundle() -> str:
     return path.read_text(encoding="utf-8").replace("</script>", "<\\/script>")
 
 
+_IDS = itertools.count()
+
+
 def circuitsvis_element(component: str, **props) -> str:
     """A div plus the call that renders circuitsvis ``component`` into it (the bundle must be on the page)."""
     from circuitsvis.utils.convert_props import convert_props
 
-    div = "avl-cv-" + uuid.uuid4().hex[:12]
+    div = f"avl-cv-{next(_IDS)}"
     return (f'<div id="{div}" class="avl-cv" data-component="{esc(component)}" style="margin:12px 0"></div>\n'
             f"<script>CircuitsVis.render({json.dumps(div)}, CircuitsVis.{component}, {convert_props(props)});</script>")
 
@@ -116,6 +120,10 @@ class Page:
             sec.append("</section>")
             body.append("\n".join(sec))
         script = f"<script>{circuitsvis_bundle()}</script>" if needs else ""
+        # element ids in page order, so the same views give the same file (ids are unique per process)
+        order: dict[str, str] = {}
+        body = [re.sub(r"avl-cv-\d+", lambda m: order.setdefault(m.group(0), f"avl-cv-{len(order)}"), part)
+                for part in body]
         return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(self.title)}</title>'
                 f"<style>{CSS}</style>{script}</head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
 
