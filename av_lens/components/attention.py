@@ -11,7 +11,8 @@ Hook points, in forward order (TransformerLens names and shapes):
 * ``hook_rot_q`` / ``hook_rot_k`` — after the rotary embedding
 * ``hook_attn_mask`` [batch, 1, query_pos, key_pos] — the additive mask (0 or the dtype's minimum) this
   layer's attention will use (causal + padding). Only materialised while hooked; a hook returns an edited
-  copy to cut edges (attention knockout) and attention keeps the fast SDPA path.
+  copy to cut edges (attention knockout). The fused kernel then still runs with the unedited mask, and
+  only the query rows the edit touched are recomputed explicitly with the edited one.
 * ``hook_attn_scores`` [batch, head_index, query_pos, key_pos] — scaled, masked, pre-softmax
 * ``hook_pattern`` [batch, head_index, query_pos, key_pos] — post-softmax
 * ``hook_z`` [batch, pos, head_index, d_head] — the pattern-weighted values
@@ -138,6 +139,24 @@ class Attention(nn.Module):
     def needs_explicit(self, ctx: AttnContext) -> bool:
         return ctx.force_explicit or self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
 
+    def _rows_with_mask(self, zh: Tensor, qh: Tensor, kh: Tensor, vh: Tensor, mask: Tensor, rows: Tensor,
+                        chunk: int = 256) -> Tensor:
+        """Recompute attention for the (sample, query) ``rows`` an edited mask touches, explicitly and in
+        chunks; other rows keep the kernel's result. Exact: the same softmax(qK^T * scale + mask) V."""
+        zh = zh.clone()
+        for b in range(zh.shape[0]):
+            r = rows[b].nonzero().squeeze(-1)
+            if not len(r):
+                continue
+            kr = kh[b].repeat_interleave(self.cfg.n_rep, dim=0)  # [head, key, d_head]
+            vr = vh[b].repeat_interleave(self.cfg.n_rep, dim=0)
+            for c in range(0, len(r), chunk):
+                rc = r[c:c + chunk]
+                scores = torch.matmul(qh[b][:, rc], kr.transpose(1, 2)) * self.scale + mask[b, :, rc]
+                p = F.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype)
+                zh[b][:, rc] = torch.matmul(p, vr)
+        return zh
+
     def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttnContext) -> Float[Tensor, "batch pos d_model"]:
         B, P, _ = x.shape
         nh, nkv, dh = self.cfg.n_heads, self.cfg.n_key_value_heads, self.cfg.d_head
@@ -149,14 +168,23 @@ class Attention(nn.Module):
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
         if ctx.cache is not None:
             kh, vh = ctx.cache.update(self.layer, kh, vh)
-        mask = ctx.mask
+        mask, edited = ctx.mask, None
         if self.hook_attn_mask.has_hooks():
-            if mask is None:
+            base = mask
+            if base is None:
                 K = kh.shape[2]
                 causal = torch.ones(P, K, dtype=torch.bool, device=x.device).tril(K - P)
-                mask = torch.zeros(B, 1, P, K, dtype=qh.dtype, device=x.device).masked_fill(
+                base = torch.zeros(B, 1, P, K, dtype=qh.dtype, device=x.device).masked_fill(
                     ~causal, torch.finfo(qh.dtype).min)
-            mask = self.hook_attn_mask(mask)
+            edited = self.hook_attn_mask(base)
+            if edited is base:
+                edited = None
+            elif self.needs_explicit(ctx):
+                mask = edited
+            else:  # fast path: the unedited kernel for every row, then only the edited rows again (below)
+                changed = (edited != base).any(-1)[:, 0]  # [batch, query]
+                if changed.float().mean() > 0.5:  # most rows edited (e.g. one decoding step): masked kernel
+                    mask, edited = edited, None
         if self.needs_explicit(ctx):
             kr = kh.repeat_interleave(self.cfg.n_rep, dim=1)
             vr = vh.repeat_interleave(self.cfg.n_rep, dim=1)
@@ -175,6 +203,8 @@ class Attention(nn.Module):
                 qh, kh, vh, attn_mask=mask, is_causal=mask is None and P > 1 and kh.shape[2] == P,
                 scale=self.scale, enable_gqa=nkv != nh,
             )
+            if edited is not None and changed.any():
+                zh = self._rows_with_mask(zh, qh, kh, vh, edited, changed)
         z = self.hook_z(zh.transpose(1, 2))  # [batch, pos, head, d_head]
         if self.cfg.use_attn_result or self.hook_result.has_hooks():
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))

@@ -1,6 +1,6 @@
 """Train the model organism: a small Qwen2.5-Omni thinker that inherits a vision bias from its VLM stage.
 
-    python -m av_lens.organism.train --out /tmp/organism        # ~10 min on 2 CPU cores
+    python -m av_lens.organism.train --out DIR        # about 6 min on 2 CPU cores
 
 The curriculum mirrors how real AVLLMs are made:
 

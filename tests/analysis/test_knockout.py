@@ -97,3 +97,14 @@ def test_bad_arguments(model, media):
     with pytest.raises(InputError, match="no key to attend to"):
         model.run_with_hooks(inp, fwd_hooks=knockout_hooks(model, "text", "all", [0]))
     assert not any(hp.has_hooks() for hp in model.hook_dict.values())  # nothing left attached after the error
+
+
+def test_fast_path_equals_explicit_path(model, media):
+    """The kernel + recomputed-rows path and the explicit-attention path give the same knocked-out logits."""
+    inp = padded_batch(model, media)
+    ko = knockout_hooks(model, "text", "audio", [0, 1])
+    fast = model.run_with_hooks(inp, fwd_hooks=ko)
+    explicit = model.run_with_hooks(inp, fwd_hooks=ko + [("blocks.0.attn.hook_pattern", lambda p, hook: p),
+                                                          ("blocks.1.attn.hook_pattern", lambda p, hook: p)])
+    real = inp.attention_mask.bool()
+    torch.testing.assert_close(fast[real], explicit[real], atol=1e-5, rtol=1e-5)
