@@ -50,6 +50,16 @@ class AttnContext:
     mask: Tensor | None  # additive [batch, 1, q, k], or None for plain causal without padding
     cache: "KVCache | None" = None
     force_explicit: bool = False
+    causal: Tensor | None = None  # additive causal mask [q, k], built once per forward when a layer needs it
+
+    def causal_mask(self, P: int, K: int, dtype: torch.dtype, device) -> Tensor:
+        """The additive causal mask (0 / dtype minimum) for P queries ending at key K, shared by all layers."""
+        c = self.causal
+        if c is None or c.shape != (P, K) or c.dtype != dtype or c.device != torch.device(device):
+            keep = torch.ones(P, K, dtype=torch.bool, device=device).tril(K - P)
+            c = torch.zeros(P, K, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+            self.causal = c
+        return c
 
 
 class KVCache:
@@ -172,10 +182,7 @@ class Attention(nn.Module):
         if self.hook_attn_mask.has_hooks():
             base = mask
             if base is None:
-                K = kh.shape[2]
-                causal = torch.ones(P, K, dtype=torch.bool, device=x.device).tril(K - P)
-                base = torch.zeros(B, 1, P, K, dtype=qh.dtype, device=x.device).masked_fill(
-                    ~causal, torch.finfo(qh.dtype).min)
+                base = ctx.causal_mask(P, kh.shape[2], qh.dtype, x.device).expand(B, 1, P, kh.shape[2]).clone()
             edited = self.hook_attn_mask(base)
             if edited is base:
                 edited = None
@@ -191,10 +198,8 @@ class Attention(nn.Module):
             scores = torch.matmul(qh, kr.transpose(2, 3)) * self.scale
             if mask is not None:
                 scores = scores + mask
-            else:
-                K = kr.shape[2]
-                causal = torch.ones(P, K, dtype=torch.bool, device=x.device).tril(K - P)
-                scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+            else:  # adding a shared float mask is faster than masked_fill with a fresh boolean one
+                scores = scores + ctx.causal_mask(P, kr.shape[2], scores.dtype, x.device)
             scores = self.hook_attn_scores(scores)
             pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype))
             zh = torch.matmul(pattern, vr)
