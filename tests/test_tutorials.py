@@ -16,11 +16,10 @@ import sys
 import time
 from pathlib import Path
 
+import ipykernel  # noqa: F401 - the test extra installs it; the notebooks run in its kernel
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
 
 TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 NOTEBOOKS = sorted(p.name for p in TUTORIALS.glob("*.ipynb"))
