@@ -14,14 +14,11 @@ long text prompt to ``--text`` words.
 
 import argparse
 import json
-import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from common import add_model_args, build_from_args, reset_peak, status_mb, timed
 
 
 def setup(folder, text_words, seconds):
@@ -40,31 +37,6 @@ def setup(folder, text_words, seconds):
     return model, inp
 
 
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
-def reset_peak() -> float:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, so setup peaks do not count."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return status_mb("VmRSS")
-
-
-def timed(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def child(folder, mode, text_words, seconds):
     import torch
 
@@ -75,7 +47,7 @@ def child(folder, mode, text_words, seconds):
         if mode == "plain":
             model(enc)
         elif mode == "one_hook":
-            model.run_with_cache(enc, names_filter="blocks.3.hook_resid_post")
+            model.run_with_cache(enc, names_filter=f"blocks.{model.cfg.n_layers // 2}.hook_resid_post")
         elif mode == "full_cache":
             model.run_with_cache(enc)
     peak = status_mb("VmHWM")
@@ -84,12 +56,7 @@ def child(folder, mode, text_words, seconds):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv", type=int, default=2)
-    ap.add_argument("--ffn", type=int, default=1536)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_args(ap, layers=8, width=512, heads=8, kv=2, ffn=1536, vocab=32000)
     ap.add_argument("--text", type=int, default=600)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--windows", type=int, default=8)
@@ -102,14 +69,11 @@ def main():
         return
     import torch
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    from bench_backbone import build
-
     from av_lens.analysis import knockout_hooks, knockout_sweep, sliding_windows
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        build(tmp, a.layers, a.width, a.heads, a.kv, a.ffn, a.vocab)
+        build_from_args(tmp, a)
         model, inp = setup(tmp, a.text, a.seconds)
         T = inp.shape[1]
         counts = inp.layout.counts()
@@ -130,7 +94,7 @@ def main():
                              a.reps)
             rows.append(("generate %d tokens, G->V knocked out (tok/s)" % a.tokens, a.tokens / t_gen_ko,
                          a.tokens / t_gen, t_gen_ko / t_gen))
-            t_one = timed(lambda: model.run_with_cache(enc, names_filter="blocks.3.hook_resid_post"), a.reps)
+            t_one = timed(lambda: model.run_with_cache(enc, names_filter=f"blocks.{model.cfg.n_layers // 2}.hook_resid_post"), a.reps)
             t_full = timed(lambda: model.run_with_cache(enc), a.reps)
             rows.append(("run_with_cache, one hook (s)", t_one, t_lm, t_one / t_lm))
             rows.append(("run_with_cache, full cache (s)", t_full, t_lm, t_full / t_lm))

@@ -15,22 +15,11 @@ total peak). Modes:
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
-
-
-def hwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+from common import add_model_args, build_from_args, reset_peak, status_mb
 
 
 def child(folder: str, mode: str, n_video: int, n_audio: int) -> dict:
@@ -67,12 +56,10 @@ def child(folder: str, mode: str, n_video: int, n_audio: int) -> dict:
     elif mode == "pattern":
         flow = AttentionFlow(model, "text", method="pattern")
         hooks = flow.hooks()
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark: setup peaks do not count
-        f.write("5")
-    before = rss_mb()
+    before = reset_peak()
     with torch.no_grad():
         model.run_with_hooks(inp, fwd_hooks=hooks, return_type=None)
-    peak = hwm_mb()
+    peak = status_mb("VmHWM")
     return {"mode": mode, "tokens": len(ids), "before_mb": before, "peak_mb": peak, "growth_mb": peak - before}
 
 
@@ -80,23 +67,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--video", type=int, default=3072)
     ap.add_argument("--audio", type=int, default=250)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv", type=int, default=2)
-    ap.add_argument("--ffn", type=int, default=1536)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_args(ap, layers=8, width=512, heads=8, kv=2, ffn=1536, vocab=32000)
     ap.add_argument("--modes", default="plain,flow,flow_generated,pattern")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(child(a.child[0], a.child[1], int(a.child[2]), int(a.child[3]))))
         return
-    sys.path.insert(0, os.path.dirname(__file__))
-    from bench_backbone import build
-
     with tempfile.TemporaryDirectory() as tmp:
-        build(tmp, a.layers, a.width, a.heads, a.kv, a.ffn, a.vocab)
+        build_from_args(tmp, a)
         rows = []
         for mode in a.modes.split(","):
             out = subprocess.run([sys.executable, __file__, "--child", tmp, mode, str(a.video), str(a.audio)],

@@ -8,46 +8,10 @@ Prints one table of median wall times and ratios against transformers' eager and
 """
 
 import argparse
-import os
-import statistics
 import tempfile
-import time
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-
-
-def build(folder, layers, width, heads, kv, ffn, vocab):
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-    from av_lens.testing.tiny import TinySpec, build_tiny_processor, build_tiny_tokenizer, tiny_thinker_config
-
-    tok = build_tiny_tokenizer()
-    spec = TinySpec(n_layers=layers, d_model=width, n_heads=heads, n_kv_heads=kv, d_mlp=ffn,
-                    mrope_section=(16, 24, 24) if width // heads == 128 else _sections(width // heads))
-    cfg = tiny_thinker_config(spec, tok)
-    cfg.text_config.vocab_size = vocab
-    torch.manual_seed(0)
-    Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval().save_pretrained(folder)
-    build_tiny_processor(tok).save_pretrained(folder)
-
-
-def _sections(d_head):
-    half = d_head // 2
-    t = half // 4
-    h = (half - t) // 2
-    return (t, h, half - t - h)
-
-
-def timed(fn, reps):
-    fn()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+from common import add_model_args, build_from_args, timed
 
 
 def main():
@@ -55,19 +19,14 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--layers", type=int, default=24)
-    ap.add_argument("--width", type=int, default=896)
-    ap.add_argument("--heads", type=int, default=14)
-    ap.add_argument("--kv", type=int, default=2)
-    ap.add_argument("--ffn", type=int, default=4864)
-    ap.add_argument("--vocab", type=int, default=151936)
+    add_model_args(ap, layers=24, width=896, heads=14, kv=2, ffn=4864, vocab=151936)
     a = ap.parse_args()
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration as HF
 
     from av_lens import HookedAVTransformer
 
     with tempfile.TemporaryDirectory() as d:
-        build(d, a.layers, a.width, a.heads, a.kv, a.ffn, a.vocab)
+        build_from_args(d, a)
         ours = HookedAVTransformer.from_pretrained(d)
         eager = HF.from_pretrained(d, attn_implementation="eager").eval()
         sdpa = HF.from_pretrained(d, attn_implementation="sdpa").eval()
@@ -82,7 +41,7 @@ def main():
         rows["av_lens, no hooks (sdpa path)"] = timed(lambda: ours(inp), a.reps)
         rows["av_lens, hook on every hook_pattern"] = timed(lambda: ours.run_with_hooks(inp, fwd_hooks=pattern_hook), a.reps)
         rows["av_lens, cache of one resid_post"] = timed(
-            lambda: ours.run_with_cache(inp, names_filter="blocks.10.hook_resid_post"), a.reps)
+            lambda: ours.run_with_cache(inp, names_filter=f"blocks.{a.layers // 2}.hook_resid_post"), a.reps)
     e, s = rows["transformers eager"], rows["transformers sdpa"]
     print(f"backbone forward, {a.layers} layers x {a.width}, batch {a.batch}, seq {a.seq}, fp32, "
           f"{torch.get_num_threads()} threads, median of {a.reps}")
