@@ -45,7 +45,7 @@ from av_lens.components.embed import Embed, Unembed
 from av_lens.config import AVConfig
 from av_lens.errors import HookNameError, InputError, LayoutError, unknown_hook_error
 from av_lens.inputs import AVInput
-from av_lens.layout import MediaSpec, ModalityLayout, build_layout
+from av_lens.layout import ModalityLayout
 
 _MEDIA_KINDS = ("audio", "image", "video")
 
@@ -405,6 +405,18 @@ class HookedAVTransformer(HookedRootModule):
             raise InputError(f"{text!r} is {len(ids)} tokens ({ids}), not one",
                              "pick a string the tokenizer keeps whole, or pass a token id")
         return int(ids[0])
+
+    def word_token(self, word: str) -> int:
+        """The single token of a word as it appears in running text: ``word`` itself (word-level vocabularies)
+        or, in BPE vocabularies that fold the leading space into the token, ``" " + word``."""
+        try:
+            return self.to_single_token(word)
+        except InputError:
+            try:
+                return self.to_single_token(" " + word)
+            except InputError:
+                raise InputError(f"{word!r} is not one token (nor is {' ' + word!r})",
+                                 "pick a word the tokenizer keeps whole, or pass a token id") from None
 
     def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
         self._need_tokenizer()

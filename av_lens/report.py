@@ -93,12 +93,9 @@ def _single_token(model, word: str | None) -> int | None:
     if word is None:
         return None
     try:
-        return model.to_single_token(word)
-    except Exception:  # noqa: BLE001 - a multi-token word just has no single-token target
-        try:
-            return model.to_single_token(" " + word)
-        except Exception:  # noqa: BLE001
-            return None
+        return model.word_token(word)
+    except InputError:  # a multi-token word just has no single-token target
+        return None
 
 
 def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None, *, base=None,

@@ -86,10 +86,7 @@ def _targets(model, targets) -> list[int]:
     out = []
     for t in targets or []:
         if isinstance(t, str):
-            try:
-                out.append(model.to_single_token(t))
-            except Exception:  # noqa: BLE001 - BPE vocabularies hold " bark", not "bark"
-                out.append(model.to_single_token(" " + t))
+            out.append(model.word_token(t))
         else:
             out.append(int(t))
     bad = [t for t in out if not 0 <= t < model.cfg.d_vocab]

@@ -86,7 +86,6 @@ def run_study(model, base=None, n_pairs: int = 48, max_new_tokens: int = 4, k: i
     # prefill-only question ("what do you hear ?"): blocking last-prompt -> video from layer l on
     hear = model.encode(clip_inputs(model, cf, "hear", "av"))
     sound_ids = torch.tensor([model.to_single_token(world.SOUNDS[c.sound]) for c in cf])
-    look_ids = torch.tensor([model.to_single_token(world.SOUNDS[c.look]) for c in cf])
 
     def follows_sound(logits, _):
         return (logits[:, -1].argmax(-1) == sound_ids).float().mean()
@@ -95,7 +94,6 @@ def run_study(model, base=None, n_pairs: int = 48, max_new_tokens: int = 4, k: i
     out["knockout last_prompt-/->video from_layer (hear answer = sound)"] = {
         "windows": [[w.start, w.stop - 1] for w in sw.windows], "follows_sound": sw.values.tolist(),
         "baseline": float(sw.baseline)}
-    del look_ids
 
     # 4. token shift against the base VLM (same audio-visual prompt)
     if base is not None:

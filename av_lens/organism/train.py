@@ -200,7 +200,6 @@ def train(out: Path, cur: Curriculum, evaluate: bool = True, log=print) -> dict:
     log(f"organism: {n_params / 1e6:.2f} M parameters")
     pools = build_pools(proc, cur, log)
     gen = torch.Generator().manual_seed(cur.seed)
-    total = cur.stage1_steps + cur.stage2_steps
     opt = torch.optim.AdamW(model.parameters(), lr=cur.lr, weight_decay=0.0)
     warm = 50
 

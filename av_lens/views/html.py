@@ -111,7 +111,7 @@ class Page:
         if self.intro:
             body.append(f'<p class="avl-note">{self.intro}</p>')
         for heading, note, view in self.parts:
-            sec = [f'<section class="avl-section">']
+            sec = ['<section class="avl-section">']
             if heading:
                 sec.append(f"<h2>{esc(heading)}</h2>")
             if note:
