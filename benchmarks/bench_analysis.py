@@ -21,20 +21,26 @@ import tempfile
 from common import add_model_args, build_from_args, reset_peak, status_mb, timed
 
 
-def setup(folder, text_words, seconds):
+def av_prompt(model, text_words, seconds):
+    """An audio-visual prompt: ``seconds`` of random video (2 fps, 56x56) with its soundtrack interleaved,
+    and a text prompt of about ``text_words`` words; on the model's device."""
     import numpy as np
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (int(2 * seconds), 56, 56, 3), dtype=np.uint8)
+    wav = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
+    prompt = " ".join(["describe the picture and the sound"] * max(1, text_words // 6))
+    return model.prepare(prompt, videos=[frames], video_audio=[wav], fps=2.0, use_audio_in_video=True)
+
+
+def setup(folder, text_words, seconds):
     import torch
 
     from av_lens import HookedAVTransformer
 
     torch.set_num_threads(2)
     model = HookedAVTransformer.from_pretrained(folder)
-    rng = np.random.default_rng(0)
-    frames = rng.integers(0, 255, (int(2 * seconds), 56, 56, 3), dtype=np.uint8)
-    wav = (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32)
-    prompt = " ".join(["describe the picture and the sound"] * (text_words // 6))
-    inp = model.prepare(prompt, videos=[frames], video_audio=[wav], fps=2.0, use_audio_in_video=True)
-    return model, inp
+    return model, av_prompt(model, text_words, seconds)
 
 
 def child(folder, mode, text_words, seconds):

@@ -22,19 +22,18 @@ import tempfile
 from common import add_model_args, build_from_args, reset_peak, status_mb
 
 
-def child(folder: str, mode: str, n_video: int, n_audio: int) -> dict:
+def long_input(model, n_video: int, n_audio: int):
+    """A study-like AVInput (video, audio, text prompt) with precomputed random encoder outputs, on the model's
+    device and in its dtype: ``n_video`` is rounded down to whole 256-token frames."""
     import torch
 
-    from av_lens import AVInput, HookedAVTransformer
-    from av_lens.analysis.attention_flow import AttentionFlow
+    from av_lens import AVInput
 
-    torch.set_num_threads(2)
-    model = HookedAVTransformer.from_pretrained(folder)
     tok = model.cfg.tokens
-    t, side = n_video // 256, 32  # grid (t, 32, 32) -> t * 16 * 16 merged tokens
+    t, side = max(1, n_video // 256), 32  # grid (t, 32, 32) -> t * 16 * 16 merged tokens
     n_video = t * 256
     n_mel = 4 * n_audio
-    text = model.to_tokens("<|im_start|>user\nDescribe what you see and hear.<|im_end|>\n<|im_start|>assistant\n")[0]
+    text = model.to_tokens("<|im_start|>user\nDescribe what you see and hear.<|im_end|>\n<|im_start|>assistant\n")[0].cpu()
     ids = torch.cat([text[:3], torch.tensor([tok.vision_bos] + [tok.video] * n_video + [tok.vision_eos]
                                             + [tok.audio_bos] + [tok.audio] * n_audio + [tok.audio_eos]), text[3:]])
     data = dict(input_ids=ids[None], attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -44,23 +43,38 @@ def child(folder: str, mode: str, n_video: int, n_audio: int) -> dict:
     inp = AVInput(**{**{f: getattr(inp, f) for f in inp.__dataclass_fields__}, "input_features": None,
                      "feature_attention_mask": None})
     g = torch.Generator().manual_seed(0)
-    inp = inp.with_encoder_outputs({"video": torch.randn(n_video, model.cfg.d_model, generator=g),
-                                    "audio": torch.randn(n_audio, model.cfg.d_model, generator=g)})
-    hooks = []
-    if mode == "flow":
-        flow = AttentionFlow(model, "text")
-        hooks = flow.hooks()
-    elif mode == "flow_generated":
-        flow = AttentionFlow(model, "last_prompt")
-        hooks = flow.hooks()
-    elif mode == "pattern":
-        flow = AttentionFlow(model, "text", method="pattern")
-        hooks = flow.hooks()
+    dt = model.cfg.dtype
+    inp = inp.with_encoder_outputs({"video": torch.randn(n_video, model.cfg.d_model, generator=g).to(dt),
+                                    "audio": torch.randn(n_audio, model.cfg.d_model, generator=g).to(dt)})
+    return inp.to(model.device)
+
+
+def flow_hooks(model, mode: str) -> list:
+    """The hooks of one mode: plain (none), flow (query = text, rows), flow_generated (last prompt token, rows),
+    pattern (query = text, read from hook_pattern)."""
+    from av_lens.analysis.attention_flow import AttentionFlow
+
+    if mode == "plain":
+        return []
+    query, method = {"flow": ("text", "rows"), "flow_generated": ("last_prompt", "rows"),
+                     "pattern": ("text", "pattern")}[mode]
+    return AttentionFlow(model, query, method=method).hooks()
+
+
+def child(folder: str, mode: str, n_video: int, n_audio: int) -> dict:
+    import torch
+
+    from av_lens import HookedAVTransformer
+
+    torch.set_num_threads(2)
+    model = HookedAVTransformer.from_pretrained(folder)
+    inp = long_input(model, n_video, n_audio)
+    hooks = flow_hooks(model, mode)
     before = reset_peak()
     with torch.no_grad():
         model.run_with_hooks(inp, fwd_hooks=hooks, return_type=None)
     peak = status_mb("VmHWM")
-    return {"mode": mode, "tokens": len(ids), "before_mb": before, "peak_mb": peak, "growth_mb": peak - before}
+    return {"mode": mode, "tokens": inp.shape[1], "before_mb": before, "peak_mb": peak, "growth_mb": peak - before}
 
 
 def main():

@@ -18,8 +18,10 @@ def add_model_args(ap: argparse.ArgumentParser, *, layers: int, width: int, head
         ap.add_argument(f"--{name}", type=int, default=default)
 
 
-def build(folder, layers, width, heads, kv, ffn, vocab):
-    """Save a random-weight Qwen2.5-Omni thinker of these LM dimensions (tiny towers, tiny processor)."""
+def build(folder, layers, width, heads, kv, ffn, vocab, dtype=None):
+    """Save a random-weight Qwen2.5-Omni thinker of these LM dimensions (tiny towers, tiny processor).
+
+    ``dtype`` (e.g. torch.bfloat16) converts the weights before saving; the default keeps fp32."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     from av_lens.testing.tiny import TinySpec, build_tiny_processor, build_tiny_tokenizer, tiny_thinker_config
@@ -30,7 +32,10 @@ def build(folder, layers, width, heads, kv, ffn, vocab):
     cfg = tiny_thinker_config(spec, tok)
     cfg.text_config.vocab_size = vocab
     torch.manual_seed(0)
-    Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(folder)
     build_tiny_processor(tok).save_pretrained(folder)
 
 
@@ -70,3 +75,24 @@ def reset_peak() -> float:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return status_mb("VmRSS")
+
+
+
+def peak_start(device: str = "cpu") -> float:
+    """Start a peak-memory measurement; returns the memory in use now (MB).
+
+    CPU: the process's RSS, after resetting its peak mark (VmHWM) through /proc/self/clear_refs.
+    CUDA: torch.cuda.memory_allocated, after torch.cuda.reset_peak_memory_stats."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    return reset_peak()
+
+
+def peak_read(device: str = "cpu") -> float:
+    """The peak memory (MB) since :func:`peak_start`: VmHWM on the CPU, torch.cuda.max_memory_allocated on CUDA."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return status_mb("VmHWM")
