@@ -115,6 +115,7 @@ class HookedAVTransformer(HookedRootModule):
         # The rotary module is kept out of the module tree so that model.to(dtype) leaves its fp32 tables alone.
         object.__setattr__(self, "_rotary", adapter.build_rotary(hf_config))
         self.run_state: RunState | None = None
+        self.device_map: dict[str, torch.device] | None = None  # set by place() when parts sit on several devices
         self.setup()
 
     # ------------------------------------------------------------------------------------------- loading
@@ -138,6 +139,7 @@ class HookedAVTransformer(HookedRootModule):
         out = super().to(*args, **kwargs)
         if device is not None:
             self.cfg.device = torch.device(device)
+            self.device_map = None  # everything is on one device again
         if dtype is not None:
             self.cfg.dtype = dtype
         return out
@@ -150,7 +152,17 @@ class HookedAVTransformer(HookedRootModule):
 
     @property
     def device(self) -> torch.device:
+        """The input device: where the embedding (and the encoders) run. After :meth:`place` over several
+        devices, logits come out on the unembedding's device."""
         return self.embed.W_E.device
+
+    def place(self, device_map: Mapping[str, str | int | torch.device] | Literal["auto"]) -> "HookedAVTransformer":
+        """Spread the model over devices: ``device_map`` maps ``"embed"``, ``"blocks.{l}"`` (and optionally the
+        towers, ``"ln_final"``, ``"unembed"``) to devices; ``"auto"`` plans over the visible GPUs. Hooks, caches
+        and analyses keep working; see :mod:`av_lens.placement` (and ``plan_device_map`` to compute a map)."""
+        from av_lens.placement import apply_device_map
+
+        return apply_device_map(self, device_map)
 
     # ------------------------------------------------------------------------------------------- inputs
     def prepare(self, text: str | list[str] | None = None, **kwargs) -> AVInput:
@@ -260,10 +272,20 @@ class HookedAVTransformer(HookedRootModule):
         resid = self.hook_embed(resid)
         cos, sin = self._rotary_tables(resid, position_ids)
         ctx = AttnContext(cos=cos, sin=sin, mask=self._additive_mask(key_mask, resid.shape[1], resid.dtype), cache=cache)
-        for block in self.blocks[:stop_at_layer]:
+        route = None
+        if self.device_map is not None:  # placed on several devices: move the stream and ctx at boundaries
+            from av_lens.placement import Route
+
+            route = Route(self.device_map)
+        for l, block in enumerate(self.blocks[:stop_at_layer]):
+            if route is not None:
+                resid, ctx = route.enter(f"blocks.{l}", resid, ctx)
             resid = block(resid, ctx)
         if stop_at_layer is not None:
             return resid
+        if route is not None:
+            resid = self.ln_final(route.enter("ln_final", resid)[0])
+            return self.unembed(route.enter("unembed", resid)[0])
         return self.unembed(self.ln_final(resid))
 
     def forward(self, input: AVInput | Tensor | str | list[str] | Mapping,
@@ -300,9 +322,9 @@ class HookedAVTransformer(HookedRootModule):
     @staticmethod
     def loss_fn(logits: Tensor, inp: AVInput, per_token: bool = False) -> Tensor:
         """Next-token cross-entropy on positions whose target is a real text token."""
-        targets = inp.input_ids[:, 1:]
+        targets = inp.input_ids[:, 1:].to(logits.device)
         lp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
-        valid = inp.attention_mask[:, 1:].bool() & inp.attention_mask[:, :-1].bool()
+        valid = (inp.attention_mask[:, 1:].bool() & inp.attention_mask[:, :-1].bool()).to(logits.device)
         if per_token:
             return -lp * valid
         return -(lp * valid).sum() / valid.sum().clamp(min=1)
