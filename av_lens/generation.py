@@ -82,7 +82,7 @@ def generate(model, inputs: AVInput, max_new_tokens: int = 32, *, do_sample: boo
         with model.running(layout, 0, layout.shape[1], cache):
             logits = model.run_backbone(model.embed_input(inp), layout.position_ids.to(dev), key_mask, cache=cache)
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
-            last = logits[:, -1]
+            last = logits[:, -1].to(dev)  # a placed model's logits come out on the last device
             if return_logits:
                 step_logits.append(last.float().cpu())
             tok = _sample(last, do_sample, temperature, top_k, top_p, gen)

@@ -115,10 +115,10 @@ class LogitLens:
 
     def _unembed_probs(self, x: Tensor) -> Tensor:
         m = self.model
-        x = x.float()
+        x = x.float().to(m.W_U.device)  # a placed model's layers may sit on other devices than the unembedding
         if self.apply_ln:
             ln = m.ln_final
-            x = x / (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt() * ln.w.float()
+            x = x / (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt() * ln.w.float().to(x.device)
         logits = x @ m.W_U.float() + m.b_U.float()
         return logits.softmax(-1)
 
@@ -134,7 +134,7 @@ class LogitLens:
         idx = torch.tensor(pos)
         x = resid[idx[:, 0].to(resid.device), idx[:, 1].to(resid.device)]
         tops, topp, rank, tprob = [], [], [], []
-        tgt = torch.tensor(self.targets, dtype=torch.long, device=resid.device)
+        tgt = torch.tensor(self.targets, dtype=torch.long, device=self.model.W_U.device)
         for c in range(0, len(x), self.chunk):
             p = self._unembed_probs(x[c:c + self.chunk])
             v, i = p.topk(self.k, dim=-1)

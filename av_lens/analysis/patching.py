@@ -124,6 +124,7 @@ def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor
 
         def setter(corrupted_act, index, clean_act):
             m = masks[index[-1]].to(corrupted_act.device)
+            clean_act = clean_act.to(corrupted_act.device)  # a cache gathered elsewhere (placed models)
             if per_head:
                 h = index[1]
                 corrupted_act[:, :, h][m] = clean_act[:, :, h][m].to(corrupted_act.dtype)
@@ -136,7 +137,7 @@ def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor
         cols = ["layer", "head", "set"] if per_head else ["layer", "set"]
         with torch.no_grad(), _quiet_tl(progress):
             flat = tl_patching.generic_activation_patch(
-                model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits)), setter, act,
+                model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits)).to(model.cfg.device), setter, act,
                 index_df=pd.DataFrame(rows, columns=cols))
         shape = (len(layers), model.cfg.n_heads, len(sets)) if per_head else (len(layers), len(sets))
         values[comp] = flat.detach().float().cpu().reshape(shape)
@@ -156,7 +157,8 @@ def patch_per_position(model, clean, corrupted, metric: Callable[[Tensor], Tenso
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_" + component))
         with _quiet_tl(progress):
-            return fns[component](model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits))).cpu()
+            return fns[component](model, corrupted, cache,
+                                    lambda logits: torch.as_tensor(metric(logits)).to(model.cfg.device)).cpu()
 
 
 # ------------------------------------------------------------------------------------------ path patching
