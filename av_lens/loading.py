@@ -113,7 +113,8 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return table[dtype]
 
 
-def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", model_config=None, local_files_only=None):
+def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", model_config=None, local_files_only=None,
+                    device_map=None):
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
@@ -145,8 +146,10 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
             raise CheckpointError(f"{folder} is a {adapter.name} checkpoint but {spec.name} needs {spec.adapter}",
                                   "load the checkpoint that belongs to this model config")
         spec.check(cfg, str(folder))
-    with torch.device(device), _default_dtype(dtype), no_init_weights():
+    with torch.device("cpu" if device_map is not None else device), _default_dtype(dtype), no_init_weights():
         model = cls(cfg, adapter, thinker_cfg, tokenizer=tokenizer, processor=processor)
+    if device_map is not None:  # spread the (uninitialised) parts over devices; the weights then stream to them
+        model.place(device_map)
     _stream_weights(model, adapter, _weight_files(folder), folder)
     model.eval()
     return model
