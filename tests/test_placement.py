@@ -334,3 +334,12 @@ def test_tied_unembedding_elsewhere_is_refused(tiny_dirs):
     m = HookedAVTransformer.from_pretrained(tiny_dirs["mqa_tied"])
     with pytest.raises(InputError, match="embeddings are tied.*Fix: map 'unembed' to cpu"):
         m.place({"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu:1", "unembed": "cpu:1"})
+
+
+def test_from_pretrained_with_a_device_map_streams_weights_onto_the_placed_parts(tiny_dirs, pair3, media):
+    a, b = pair3
+    c = HookedAVTransformer.from_pretrained(tiny_dirs["gqa4_3layers"], device_map=MAP3)
+    assert c.device_map == b.device_map
+    inp = a.prepare(**cases(media)["video_with_audio"])
+    with torch.no_grad():
+        assert torch.equal(a(inp), c(inp))
