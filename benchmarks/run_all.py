@@ -91,6 +91,7 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", default=None,
                     help="folder for the random-weight checkpoint: reused if it holds one, else built there "
                          "(default: a temporary folder)")
+    ap.add_argument("--note", default="", help="a line for the header (e.g. which commit a snapshot is)")
     ap.add_argument("--json", default=None, help="also write the table and machine facts to this JSON file")
     ap.add_argument("--child-mem", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -135,17 +136,21 @@ def machine_facts(a) -> dict:
         pass
     import transformers
 
+    import av_lens
+
+    src = Path(av_lens.__file__).resolve().parent.parent  # the tree whose av_lens is measured
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True,
                                 text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                                    capture_output=True, text=True).stdout.strip())
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "av_lens"],
+                                    cwd=src, capture_output=True, text=True).stdout.strip())
     except OSError:
-        commit, dirty = "?", False
+        commit, dirty = "", False
+    git = (commit + (" + uncommitted changes in av_lens/" if dirty else "")) if commit else "not a git checkout"
     facts = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  cpu=cpu, cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)), ram_gb=mem_gb,
                  python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                 git=commit + (" + uncommitted changes" if dirty else ""), device=a.device, dtype=a.dtype,
+                 av_lens=str(src), git=git, note=a.note, device=a.device, dtype=a.dtype,
                  dims=a.dims, lm=DIMS[a.dims], threads=torch.get_num_threads(),
                  repeats=f"{a.min_repeats}-{a.repeats} per cell (budget {a.cell_seconds:g} s), warm-up {a.warmup}",
                  load_before=[round(x, 2) for x in os.getloadavg()])
@@ -425,7 +430,7 @@ def table(facts, rows, par) -> str:
              f"- machine: {facts['cpu']}, {facts['cores']} cores ({facts['usable_cores']} usable), "
              f"{facts['ram_gb']} GB RAM" + (f", GPU {facts['gpu']}" if "gpu" in facts else ""),
              f"- software: python {facts['python']}, torch {facts['torch']}, transformers {facts['transformers']}, "
-             f"av_lens at {facts['git']}",
+             f"av_lens from {facts['av_lens']} ({facts['git']})" + (f"; {facts['note']}" if facts['note'] else ""),
              f"- run: device {facts['device']}, {facts['dtype']}, torch threads {facts['threads']}, "
              f"dims {facts['dims']} ({lm['layers']} layers, d_model {lm['width']}, {lm['heads']} heads / {lm['kv']} kv, "
              f"d_mlp {lm['ffn']}, vocab {lm['vocab']}), random weights; timed rounds {facts['repeats']}",
