@@ -3,6 +3,8 @@
 ``av-lens report`` writes one self-contained HTML file with every view of a clip or a factual/counterfactual
 pair (video file + audio files, or the built-in pair); ``av-lens demo`` is that report on the built-in pair
 with the embedded model organism (docs/organism.md), offline, printing the file's path and a text summary.
+``av-lens sweep`` runs the study's knockout protocol over many clip pairs, sharded over ``torchrun`` ranks and
+resumable (av_lens.sweeps, docs/cluster.md).
 The data path in one pass: media -> native encoders -> modality layout -> hooked backbone -> analyses -> views.
 """
 
@@ -64,6 +66,25 @@ def report(args) -> int:
     return 0
 
 
+def sweep(args) -> int:
+    """Run (or resume) a knockout sweep; under torchrun every rank calls this and rank 0 writes the table."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    from av_lens import sweeps
+
+    hf_logging.disable_progress_bar()
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    try:
+        sweeps.run(args, log=log)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="av-lens", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -82,7 +103,30 @@ def main(argv: list[str] | None = None) -> int:
                                                                         "the report then compares the pair")
             d.add_argument("--fps", type=float, default=2.0, help="frame sampling rate")
             d.add_argument("--max-side", type=int, default=448, help="downscale frames so the longer side fits")
+    s = sub.add_parser("sweep", help="knockout sweep over many clip pairs (torchrun-sharded, resumable) into one table")
+    s.add_argument("--model", default="av-lens/organism", help="checkpoint folder, hub id or embedded name")
+    s.add_argument("--out", required=True, help="output folder: per-rank row files, sweep.json, table.jsonl")
+    s.add_argument("--pairs", type=int, default=16, help="organism clip pairs (ignored with --manifest)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the organism pairs")
+    s.add_argument("--question", default="describe", help="organism question (describe, hear, see)")
+    s.add_argument("--manifest", default=None, help="JSONL of real clip pairs (see av_lens.sweeps.manifest_samples)")
+    s.add_argument("--windows", default=None, help="knockout windows as first-last layers, e.g. 0-1,2-3 "
+                                                   "(default: every single layer)")
+    s.add_argument("--knockouts", default="generated:video,generated:audio", help="query:keys groups to cut")
+    s.add_argument("--conditions", default="factual,counterfactual")
+    s.add_argument("--max-new-tokens", type=int, default=4)
+    s.add_argument("--dtype", default="fp32", help="fp32, bf16, fp16")
+    s.add_argument("--device", default="auto", help="auto (this rank's GPU by LOCAL_RANK, else cpu), cpu, cuda:N")
+    s.add_argument("--gpus-per-rank", type=int, default=1, help="with --device auto: spread each rank's model "
+                                                                 "over this many GPUs (planned device map)")
+    s.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
+    if args.cmd == "sweep":
+        try:
+            return sweep(args)
+        except AVLensError as e:
+            print(f"av-lens {args.cmd}: {e}", file=sys.stderr)
+            return 2
     if args.cmd == "demo":
         args.video = args.audio = args.counterfactual_audio = None
     try:
