@@ -1,0 +1,446 @@
+"""Dataset-scale knockout sweeps: sharded over torch.distributed ranks, resumable, gathered into one table.
+
+The idea: the study's protocol is a table with one row per *work item* — a clip pair, a condition (the
+factual clip or its counterfactual with the soundtrack swapped), and a knockout (no knockout, or a query
+group cut off from a key group in a window of layers). Each row is the model's caption under that knockout
+and its fidelity scores. The items are fixed up front, so:
+
+* **sharding** is deterministic: items are grouped by sample (pair × condition) and group ``g`` goes to
+  rank ``g % world_size`` (:func:`shard`), so each rank runs the encoders once per sample it owns
+  (``model.encode``) and reuses them for every knockout of that sample;
+* **resume** is by key: each rank appends its rows to ``rows-rank{r}.jsonl`` in the output folder, one JSON
+  object per line, flushed and fsynced per row (:class:`RowLog`). A restarted run reads every rank file,
+  skips items already written (by any rank — the world size may change between runs) and computes the rest.
+  A torn last line (a crash mid-write) is cut off and its row recomputed;
+* **gathering** happens on rank 0 after a barrier (:func:`gather`): every item's key must appear exactly
+  once across the rank files — a :class:`SweepError` names missing, duplicated or unexpected keys — and
+  the table is written atomically (temporary file + ``os.replace``) to ``table.jsonl``, rows in item order.
+
+Pieces, each usable alone: :func:`study_items` (the protocol's items), :func:`shard`, :class:`RowLog`,
+:func:`run_shard` (evaluate one rank's items with :func:`~av_lens.analysis.knockout.knockout_hooks` and
+``model.generate``, scoring captions with a :class:`~av_lens.analysis.pairs.KeywordScorer`), :func:`gather`,
+and :func:`run` (all of it under ``torchrun``, or in one process). The command line is ``av-lens sweep``::
+
+    torchrun --nproc_per_node 2 -m av_lens.cli sweep --pairs 500 --out runs/ko   # or without torchrun
+
+Samples are :class:`~av_lens.analysis.pairs.Pair` objects whose ``meta`` names the sound heard in each
+condition (``"sound"``, ``"counterfactual_sound"``) and the sound that goes with the picture
+(``"picture_sound"``): :func:`organism_samples` builds them from the organism's world, :func:`manifest_samples`
+from a JSONL manifest of real clips. A row is::
+
+    {"key": "3/counterfactual/generated->video/2-3", "sample": 3, "condition": "counterfactual",
+     "query": "generated", "keys": "video", "window": [2, 3], "caption": "dog and ring",
+     "audio_fidelity": 1.0, "picture_fidelity": 0.0}
+
+(``window`` null and query/keys ``"none"`` for the run without knockout). ``sweep.json`` in the folder records
+the sweep's arguments; a restart with other arguments is refused.
+
+Testing hook: ``AV_LENS_SWEEP_FAIL_AFTER=RANK:K`` makes rank RANK write K rows, then half of the next line,
+and raise (a crash mid-write), as the resume test does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from av_lens.errors import AVLensError, InputError
+
+TABLE = "table.jsonl"
+SPEC = "sweep.json"
+
+
+class SweepError(AVLensError):
+    """A sweep's output folder that does not hold exactly one row per work item, or holds another sweep."""
+
+
+# ------------------------------------------------------------------------------------------------ items
+@dataclass(frozen=True)
+class WorkItem:
+    """One row of the table: a sample, a condition and a knockout (``window=None``: no knockout)."""
+
+    sample: int
+    condition: str  # "factual" | "counterfactual"
+    query: str = "none"
+    keys: str = "none"
+    window: tuple[int, int] | None = None  # first and last layer, inclusive
+
+    @property
+    def key(self) -> str:
+        ko = "none" if self.window is None else f"{self.query}->{self.keys}/{self.window[0]}-{self.window[1]}"
+        return f"{self.sample}/{self.condition}/{ko}"
+
+    @property
+    def group(self) -> tuple[int, str]:
+        """Items of one group share one input and one encoder run."""
+        return (self.sample, self.condition)
+
+
+CONDITIONS = ("factual", "counterfactual")
+
+
+def study_items(n_samples: int, windows: Sequence[Sequence[int]], *, conditions: Sequence[str] = CONDITIONS,
+                knockouts: Sequence[tuple[str, str]] = (("generated", "video"), ("generated", "audio"))) -> list[WorkItem]:
+    """Per sample and condition: one item without knockout, then one per knockout and window."""
+    if n_samples < 1:
+        raise InputError(f"a sweep needs at least one sample, got {n_samples}", "pass --pairs 1 or more")
+    bad = [c for c in conditions if c not in CONDITIONS]
+    if bad or not conditions:
+        raise InputError(f"unknown conditions {bad or list(conditions)}", f"use some of {list(CONDITIONS)}")
+    wins = [(min(w), max(w)) for w in windows]
+    items = []
+    for s in range(n_samples):
+        for c in conditions:
+            items.append(WorkItem(s, c))
+            items += [WorkItem(s, c, q, k, w) for q, k in knockouts for w in wins]
+    return items
+
+
+def parse_windows(text: str, n_layers: int) -> list[tuple[int, int]]:
+    """``"0-1,2-3,3"`` -> [(0, 1), (2, 3), (3, 3)], checked against the model's layers."""
+    out = []
+    for part in text.split(","):
+        try:
+            lo, _, hi = part.strip().partition("-")
+            w = (int(lo), int(hi or lo))
+        except ValueError:
+            raise InputError(f"cannot read the window {part!r} in {text!r}",
+                             "write windows as first-last layer ranges: --windows 0-1,2-3") from None
+        if not 0 <= w[0] <= w[1] < n_layers:
+            raise InputError(f"the window {part.strip()!r} is outside the model's layers 0..{n_layers - 1}",
+                             f"use windows within 0-{n_layers - 1}")
+        out.append(w)
+    return out
+
+
+def shard(items: Sequence[WorkItem], rank: int, world_size: int) -> list[WorkItem]:
+    """The items of ``rank``: whole groups (sample × condition), group ``g`` (in order of first appearance) to
+    rank ``g % world_size``. Disjoint across ranks, together all items, the same on every run."""
+    order: dict[tuple[int, str], int] = {}
+    for it in items:
+        order.setdefault(it.group, len(order))
+    return [it for it in items if order[it.group] % world_size == rank]
+
+
+# ------------------------------------------------------------------------------------------------ row files
+class RowLog:
+    """One rank's append-only JSONL of rows. Each row is written as one line, flushed and fsynced."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def read(self, repair: bool = False) -> list[dict]:
+        """The complete rows. A torn last line (no newline, or not JSON) is ignored, and with ``repair``
+        cut off the file so that appending continues on a line boundary."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        rows, good_end, pos = [], 0, 0
+        while pos < len(data):
+            nl = data.find(b"\n", pos)
+            line = data[pos:] if nl < 0 else data[pos:nl]
+            try:
+                row = json.loads(line) if nl >= 0 else None
+            except ValueError:
+                row = None
+            if row is None or not isinstance(row, dict) or "key" not in row:
+                if nl >= 0 and data[nl + 1:].strip():
+                    raise SweepError(f"{self.path} has an unreadable line in the middle (byte {pos})",
+                                     "the file was edited or damaged; delete it and rerun to recompute its rows")
+                break
+            rows.append(row)
+            pos = good_end = nl + 1
+        if repair and good_end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+                f.flush()
+                os.fsync(f.fileno())
+        return rows
+
+    def append(self, row: dict, torn: bool = False) -> None:
+        line = (json.dumps(row, sort_keys=True) + "\n").encode()
+        with open(self.path, "ab") as f:
+            f.write(line[: len(line) // 2] if torn else line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def rank_files(out: Path) -> list[Path]:
+    return sorted(out.glob("rows-rank*.jsonl"))
+
+
+def done_keys(out: Path, own: Path | None = None) -> set[str]:
+    """Keys of complete rows in every rank file of ``out`` (repairing ``own``, this rank's file)."""
+    keys = set()
+    for f in rank_files(out):
+        keys |= {r["key"] for r in RowLog(f).read(repair=f == own)}
+    return keys
+
+
+# ------------------------------------------------------------------------------------------------ samples
+def organism_samples(model, n: int, seed: int = 0, question: str = "describe"):
+    """``n`` counterfactual pairs from the organism's world (:func:`~av_lens.analysis.pairs.organism_pairs`),
+    with the sound words the scorer needs in ``meta``."""
+    from av_lens.analysis.pairs import organism_pairs
+    from av_lens.organism import world
+
+    pairs = organism_pairs(model, n, seed, question=question)
+    for p in pairs:
+        p.meta.update(sound=world.SOUNDS[p.meta["sound"]], counterfactual_sound=world.SOUNDS[p.meta["counterfactual_sound"]],
+                      picture_sound=world.SOUNDS[p.meta["look"]])
+    return pairs
+
+
+def manifest_samples(model, path: str | os.PathLike) -> list:
+    """Pairs from a JSONL manifest of real clips, one per line::
+
+        {"video": "clips/dog.mp4", "counterfactual_audio": "sounds/bell.wav", "question": "Describe what you
+         see and hear.", "sound": "bark", "counterfactual_sound": "ring", "picture_sound": "bark"}
+
+    (optional ``"audio"``: another soundtrack for the factual clip; ``"fps"``, default 2; relative paths start at
+    the manifest's folder). Media are decoded when a sample is first used, so each rank decodes only its own.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"the manifest {str(path)!r} does not exist", "pass a JSONL file with one clip pair per line")
+    entries = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except ValueError:
+            raise InputError(f"line {i + 1} of {path} is not JSON", "write one JSON object per line") from None
+        need = [k for k in ("video", "counterfactual_audio", "question", "sound", "counterfactual_sound") if k not in e]
+        if need:
+            raise InputError(f"line {i + 1} of {path} lacks {need}",
+                             "give video, counterfactual_audio, question, sound and counterfactual_sound")
+        entries.append(e)
+    return _LazyPairs(model, entries, path.parent)
+
+
+class _LazyPairs:
+    def __init__(self, model, entries, root: Path):
+        self.model, self.entries, self.root = model, entries, root
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i: int):
+        from av_lens.analysis.pairs import counterfactual_pair
+        from av_lens.media import load_audio, load_clip
+
+        e = self.entries[i]
+        at = lambda p: str(self.root / p)  # noqa: E731 (absolute paths stay absolute)
+        clip = load_clip(at(e["video"]), at(e["audio"]) if e.get("audio") else None, fps=float(e.get("fps", 2.0)))
+        meta = {"sound": e["sound"], "counterfactual_sound": e["counterfactual_sound"],
+                "picture_sound": e.get("picture_sound", e["sound"])}
+        return counterfactual_pair(self.model, clip.frames, clip.audio, load_audio(at(e["counterfactual_audio"])),
+                                   e["question"], fps=clip.fps, meta=meta)
+
+
+def vocabulary(samples) -> list[str]:
+    """Every sound word the samples name (the keyword scorer's closed vocabulary)."""
+    if hasattr(samples, "entries"):
+        metas = [{k: e.get(k, e["sound"]) for k in ("sound", "counterfactual_sound", "picture_sound")}
+                 for e in samples.entries]
+    else:
+        metas = [p.meta for p in samples]
+    return sorted({m[k] for m in metas for k in ("sound", "counterfactual_sound", "picture_sound")})
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _fail_after(rank: int) -> int | None:
+    spec = os.environ.get("AV_LENS_SWEEP_FAIL_AFTER")
+    if not spec:
+        return None
+    r, _, k = spec.partition(":")
+    return int(k) if int(r) == rank else None
+
+
+def run_shard(model, samples, items: Sequence[WorkItem], out: str | os.PathLike, rank: int = 0, world_size: int = 1,
+              *, max_new_tokens: int = 4, scorer=None, log: Callable[[str], None] = print) -> int:
+    """Evaluate this rank's not-yet-written items and append their rows; returns how many were computed."""
+    from av_lens.analysis.knockout import knockout_hooks
+    from av_lens.analysis.pairs import KeywordScorer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = RowLog(out / f"rows-rank{rank}.jsonl")
+    done = done_keys(out, own=rows.path)
+    mine = shard(items, rank, world_size)
+    todo = [it for it in mine if it.key not in done]
+    log(f"sweep rank {rank}/{world_size}: {len(mine)} items in this shard, {len(mine) - len(todo)} already done, "
+        f"computing {len(todo)}")
+    scorer = scorer or KeywordScorer(vocabulary(samples))
+    fail_after = _fail_after(rank)
+    n = 0
+    groups: dict[tuple[int, str], list[WorkItem]] = {}
+    for it in todo:
+        groups.setdefault(it.group, []).append(it)
+    for (s, cond), its in groups.items():
+        pair = samples[s]
+        inp = model.encode(pair.factual if cond == "factual" else pair.counterfactual)  # encoders once per sample
+        heard = pair.meta["sound" if cond == "factual" else "counterfactual_sound"]
+        for it in its:
+            hooks = [] if it.window is None else knockout_hooks(model, it.query, it.keys,
+                                                                range(it.window[0], it.window[1] + 1))
+            gen = model.generate(inp, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
+            caption = gen.text[0] if gen.text is not None else " ".join(map(str, gen.new_tokens[0].tolist()))
+            row = {"key": it.key, "sample": s, "condition": cond, "query": it.query, "keys": it.keys,
+                   "window": None if it.window is None else list(it.window), "caption": caption,
+                   "audio_fidelity": float(scorer.score(caption, heard)),
+                   "picture_fidelity": float(scorer.score(caption, pair.meta["picture_sound"]))}
+            if fail_after is not None and n == fail_after:
+                rows.append(row, torn=True)
+                raise RuntimeError(f"AV_LENS_SWEEP_FAIL_AFTER: rank {rank} stops after {n} rows, mid-write")
+            rows.append(row)
+            n += 1
+    log(f"sweep rank {rank}/{world_size}: computed {n} rows")
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ gathering
+def gather(out: str | os.PathLike, items: Sequence[WorkItem]) -> list[dict]:
+    """One row per item from all rank files, in item order, written atomically to ``out/table.jsonl``.
+    Raises :class:`SweepError` naming missing, duplicated or unexpected keys."""
+    out = Path(out)
+    seen: dict[str, list[tuple[str, dict]]] = {}
+    for f in rank_files(out):
+        for r in RowLog(f).read():
+            seen.setdefault(r["key"], []).append((f.name, r))
+    want = [it.key for it in items]
+    dup = {k: [f for f, _ in v] for k, v in seen.items() if len(v) > 1}
+    missing = [k for k in want if k not in seen]
+    extra = sorted(set(seen) - set(want))
+
+    def few(keys) -> str:
+        keys = list(keys)
+        return ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+    if dup:
+        raise SweepError(f"{out} holds {len(dup)} keys more than once: "
+                         + few(f"{k} (in {', '.join(fs)})" for k, fs in dup.items()),
+                         "a row was computed twice; delete the later copies (or the folder) and rerun")
+    if missing:
+        raise SweepError(f"{out} lacks rows for {len(missing)} of {len(want)} items: {few(missing)}",
+                         "rerun the same sweep command: it computes only the missing rows")
+    if extra:
+        raise SweepError(f"{out} holds {len(extra)} rows that are not items of this sweep: {few(extra)}",
+                         "write each sweep to its own --out folder")
+    table = [seen[k][0][1] for k in want]
+    _atomic_write(out / TABLE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in table))
+    return table
+
+
+def _atomic_write(target: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_spec(out: Path, spec: dict, rank: int) -> None:
+    """Refuse a folder that holds another sweep; rank 0 records the spec of a new one."""
+    path = out / SPEC
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        if diff:
+            what = "; ".join(f"{k}: {old.get(k)!r} there, {spec.get(k)!r} now" for k in diff)
+            raise SweepError(f"{out} holds a sweep with other arguments ({what})",
+                             "rerun with the original arguments to resume it, or pass a new --out folder")
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(spec, indent=1, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------------------ the whole run
+def dist_context(timeout_hours: float = 48.0) -> tuple[int, int]:
+    """(rank, world size), initialising a gloo process group when launched by torchrun with several ranks.
+    gloo serves the only collective used (a barrier) on CPU and GPU nodes alike."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=timeout_hours))
+    return rank, world
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def rank_device(device: str, gpus_per_rank: int) -> str | dict:
+    """This rank's device (``device="auto"``: its own GPU(s) by LOCAL_RANK, else the CPU), or a planned device
+    map over ``gpus_per_rank`` GPUs."""
+    if device != "auto":
+        return device
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    ids = list(range(local * gpus_per_rank, (local + 1) * gpus_per_rank))
+    if ids[-1] >= torch.cuda.device_count():
+        raise InputError(f"rank {local} needs GPUs {ids} but {torch.cuda.device_count()} are visible",
+                         "lower --gpus-per-rank or --nproc_per_node so that their product fits the node's GPUs")
+    return f"cuda:{ids[0]}" if gpus_per_rank == 1 else {"gpus": ids}
+
+
+def load_model(name: str, dtype: str, where):
+    from av_lens import HookedAVTransformer
+    from av_lens.placement import gpu_budgets, meta_model, plan_device_map
+
+    if isinstance(where, dict):
+        plan = plan_device_map(meta_model(name, dtype), gpu_budgets(devices=where["gpus"]))
+        return HookedAVTransformer.from_pretrained(name, dtype=dtype, device_map=plan)
+    return HookedAVTransformer.from_pretrained(name, dtype=dtype, device=where)
+
+
+def run(args, log: Callable[[str], None] = print) -> list[dict] | None:
+    """``av-lens sweep``: shard, evaluate, barrier, gather on rank 0 (returns the table there, None elsewhere)."""
+    rank, world = dist_context()
+    out = Path(args.out)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}", "pass e.g. 4")
+    knockouts = []
+    for k in args.knockouts.split(","):
+        q, sep, keys = k.strip().partition(":")
+        if not sep or not q or not keys:
+            raise InputError(f"cannot read the knockout {k!r}", "write knockouts as query:keys, e.g. generated:video")
+        knockouts.append((q, keys))
+    model = load_model(args.model, args.dtype, rank_device(args.device, args.gpus_per_rank))
+    n_layers = model.cfg.n_layers
+    windows = parse_windows(args.windows, n_layers) if args.windows else [(l, l) for l in range(n_layers)]
+    samples = (manifest_samples(model, args.manifest) if args.manifest
+               else organism_samples(model, args.pairs, args.seed, question=args.question))
+    n = len(samples)
+    items = study_items(n, windows, conditions=tuple(c.strip() for c in args.conditions.split(",")), knockouts=knockouts)
+    spec = {"model": args.model, "samples": args.manifest or f"organism_pairs(n={args.pairs}, seed={args.seed}, "
+                                                             f"question={args.question!r})",
+            "n_samples": n, "windows": [list(w) for w in windows], "knockouts": [list(k) for k in knockouts],
+            "conditions": args.conditions, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
+    check_spec(out, spec, rank)
+    run_shard(model, samples, items, out, rank, world, max_new_tokens=args.max_new_tokens, log=log)
+    barrier(world)
+    if rank != 0:
+        return None
+    table = gather(out, items)
+    log(f"sweep: {len(table)} rows from {world} rank(s) -> {out / TABLE}")
+    return table
