@@ -59,6 +59,20 @@ class AVConfig:
     seconds_per_chunk: float = 2.0
     spatial_merge_size: int = 2
     audio_sample_rate: int = 16000
+    #: the media kinds the model takes (a vision-language base has no "audio")
+    modalities: tuple[str, ...] = ("audio", "image", "video")
+    #: position rules of the family (av_lens.layout.MediaSpec.rope_rules)
+    rope_rules: str = "qwen2_5_omni"
+    # --- architecture variants (defaults: the Qwen2 decoder of Qwen2.5-Omni / -VL) ------------------
+    attn_bias: bool = True  # q/k/v projection biases
+    qk_norm: bool = False  # RMSNorm over d_head on queries and keys before the rotary embedding (Qwen3)
+    n_experts: int = 0  # > 0: sparse mixture-of-experts MLPs in the layers listed in moe_layers
+    n_experts_per_tok: int = 0
+    d_mlp_expert: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[int, ...] = ()
+    n_deepstack: int = 0  # visual features added to the residual stream after blocks 0..n_deepstack-1
+    audio_n_window: int = 0  # > 0: Qwen3-Omni's chunked audio-token count (n_window mel frames per half chunk)
     system_prompt: str | None = None
     extra: dict = field(default_factory=dict)
 

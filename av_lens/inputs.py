@@ -68,12 +68,17 @@ class AVInput:
     @classmethod
     def from_processor_output(cls, data: Mapping[str, Any], tokens: TokenIds, *, use_audio_in_video: bool = False,
                               spatial_merge_size: int = 2, position_id_per_seconds: int = 25,
-                              seconds_per_chunk: float = 2.0) -> "AVInput":
-        """Wrap the dict a Qwen2.5-Omni processor returned (``return_tensors="pt"``) and compute its layout."""
+                              seconds_per_chunk: float = 2.0, rope_rules: str = "qwen2_5_omni",
+                              audio_n_window: int = 0) -> "AVInput":
+        """Wrap the dict a Qwen2.5-Omni (or Qwen2.5-VL) processor returned (``return_tensors="pt"``) and compute
+        its layout. ``rope_rules`` picks the model family's position rules (see :class:`~av_lens.layout.MediaSpec`)."""
         if "input_ids" not in data:
             raise InputError("the processor output has no 'input_ids'",
                              "pass the dict returned by processor(text=..., return_tensors='pt')")
         kw = {}
+        data = dict(data)
+        if "second_per_grid_ts" in data and "video_second_per_grid" not in data:  # the Qwen2.5-VL processor's name
+            data["video_second_per_grid"] = data["second_per_grid_ts"]
         for name in _TENSOR_FIELDS:
             v = data.get(name)
             if v is not None and not isinstance(v, Tensor):
@@ -104,6 +109,7 @@ class AVInput:
             video_second_per_grid=tuple(float(x) for x in spg) if spg is not None else (),
             use_audio_in_video=use_audio_in_video, spatial_merge_size=spatial_merge_size,
             position_id_per_seconds=position_id_per_seconds, seconds_per_chunk=seconds_per_chunk,
+            rope_rules=rope_rules, audio_n_window=audio_n_window,
         )
         layout = build_layout(ids, kw["attention_mask"], tokens, media)
         return cls(layout=layout, use_audio_in_video=use_audio_in_video, **kw)

@@ -46,7 +46,8 @@ class Modality(enum.IntEnum):
 
 @dataclass(frozen=True)
 class TokenIds:
-    """The token ids a layout needs. ``markers`` names any other special id (``<|im_start|>`` ...)."""
+    """The token ids a layout needs. ``markers`` names any other special id (``<|im_start|>`` ...).
+    A model without audio (a vision-language base) passes -1 for the audio ids."""
 
     audio: int
     image: int
@@ -61,7 +62,7 @@ class TokenIds:
         names = dict(self.markers)
         names.update({self.audio_bos: "audio_bos", self.audio_eos: "audio_eos",
                       self.vision_bos: "vision_bos", self.vision_eos: "vision_eos"})
-        return names
+        return {k: v for k, v in names.items() if k >= 0}  # -1: a token the model does not have (no audio)
 
 
 @dataclass(frozen=True)
@@ -76,11 +77,30 @@ class MediaSpec:
     spatial_merge_size: int = 2
     position_id_per_seconds: int = 25
     seconds_per_chunk: float = 2.0
+    #: position rules: "qwen2_5_omni" (TMRoPE: text after a vision block resumes at the block's largest position
+    #: + 1, time in units of 1/``position_id_per_seconds`` s) or "qwen2_5_vl" (M-RoPE of the base VLM: text
+    #: resumes at the block's start + max(h, w) merged patches; video time in units of
+    #: 1/``position_id_per_seconds`` = 1/tokens_per_second s; images at t = start)
+    rope_rules: str = "qwen2_5_omni"
+
+    #: > 0 (Qwen3-Omni): audio is encoded in chunks of 2 * audio_n_window mel frames, 13 tokens per full chunk
+    audio_n_window: int = 0
 
     @staticmethod
-    def audio_tokens(n_mel_frames: int) -> int:
-        """Audio tokens from mel frames: conv stride 2 then average-pool 2 (25 tokens per second)."""
+    def audio_tokens(n_mel_frames: int, n_window: int = 0) -> int:
+        """Audio tokens from mel frames. Qwen2.5-Omni: conv stride 2 then average-pool 2 (25 tokens per
+        second). Qwen3-Omni (``n_window`` > 0): three stride-2 convolutions per chunk of 2 * n_window frames."""
+        if n_window > 0:
+            chunk = 2 * n_window
+            rest = n_mel_frames % chunk
+            feat = (rest - 1) // 2 + 1
+            return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (n_mel_frames // chunk) * 13
         return ((n_mel_frames - 1) // 2 + 1 - 2) // 2 + 1
+
+    @property
+    def float_positions(self) -> bool:
+        """Qwen3-Omni keeps fractional video time positions (float32), as its reference does."""
+        return self.rope_rules == "qwen3_omni"
 
 
 @dataclass(frozen=True)
@@ -124,7 +144,7 @@ class _SampleBuilder:
         self.mod = np.full(n, int(Modality.TEXT), dtype=np.int64)
         self.item = np.full(n, -1, dtype=np.int64)
         self.time = np.full(n, np.nan, dtype=np.float64)
-        self.pos = np.zeros((3, n), dtype=np.int64)
+        self.pos = np.zeros((3, n), dtype=np.float64 if media.float_positions else np.int64)
         self.items: list[MediaItem] = []
         self.local = {Modality.AUDIO: 0, Modality.IMAGE: 0, Modality.VIDEO: 0}
         self.next_pos = 0
@@ -173,6 +193,15 @@ class _SampleBuilder:
         w = np.tile(np.arange(gw), len(t_index) * gh)
         return np.stack([t, h, w]) + start
 
+    def _after_vision(self, block: np.ndarray, grid: tuple[int, int, int], start: int) -> int:
+        """Position of the token after a vision block (its end marker)."""
+        if self.media.rope_rules == "qwen2_5_vl":
+            m = self.media.spatial_merge_size
+            return start + max(grid[1] // m, grid[2] // m)
+        if self.media.float_positions:  # Qwen3-Omni: text continues from a fractional last time, unrounded
+            return block.max() + 1
+        return int(block.max()) + 1
+
     def _marker(self, i: int, pos: int, item: int = -1) -> None:
         self.mod[i] = int(Modality.SPECIAL)
         self.pos[:, i] = pos
@@ -181,7 +210,7 @@ class _SampleBuilder:
     # -- blocks -------------------------------------------------------------------------------
     def _audio_block(self, i: int) -> int:
         g, n_mel = self._take("audio", self.media.audio_lengths, "audio")
-        n = MediaSpec.audio_tokens(int(n_mel))
+        n = MediaSpec.audio_tokens(int(n_mel), self.media.audio_n_window)
         if n <= 0:
             raise LayoutError(f"sample {self.sample}: audio item {g} has {n_mel} mel frames, too few for one token",
                               "pass at least 40 ms of audio")
@@ -208,13 +237,14 @@ class _SampleBuilder:
         local = self._new_item(Modality.IMAGE, g, n, grid_thw=tuple(int(x) for x in grid))
         p = self.next_pos
         self._marker(i, p, local)
-        t_index = np.arange(grid[0]) * self.media.position_id_per_seconds
+        scale = 1 if self.media.rope_rules == "qwen2_5_vl" else self.media.position_id_per_seconds
+        t_index = np.arange(grid[0]) * scale
         block = self._vision_positions(grid, t_index, p + 1)
         sl = slice(i + 1, i + 1 + n)
         self.mod[sl] = int(Modality.IMAGE)
         self.item[sl] = local
         self.pos[:, sl] = block
-        eos = int(block.max()) + 1
+        eos = self._after_vision(block, grid, p + 1)
         self._marker(i + 1 + n, eos, local)
         self.next_pos = eos + 1
         return i + n + 2
@@ -227,9 +257,14 @@ class _SampleBuilder:
         spg = float(self.media.video_second_per_grid[g])
         m = self.media.spatial_merge_size
         per_t = (grid[1] // m) * (grid[2] // m)
-        # torch float32 arithmetic then truncation, as the reference implementation does
-        t_index = (torch.arange(grid[0]).float() * torch.tensor(spg, dtype=torch.float32)
-                   * self.media.position_id_per_seconds).long().numpy()
+        # torch float32 arithmetic then truncation, in the order the reference implementation multiplies
+        spg32 = torch.tensor(spg, dtype=torch.float32)
+        if self.media.rope_rules == "qwen2_5_vl":
+            t_index = (torch.arange(grid[0]) * (self.media.position_id_per_seconds * spg32)).long().numpy()
+        elif self.media.float_positions:  # Qwen3-Omni: no truncation
+            t_index = (torch.arange(grid[0]) * spg32 * self.media.position_id_per_seconds).float().numpy()
+        else:
+            t_index = (torch.arange(grid[0]).float() * spg32 * self.media.position_id_per_seconds).long().numpy()
         return g, tuple(int(x) for x in grid), spg, per_t, t_index
 
     def _video_block(self, i: int) -> int:
@@ -246,7 +281,7 @@ class _SampleBuilder:
         self.item[sl] = local
         self.time[sl] = np.repeat(np.arange(grid[0]) * spg, per_t)
         self.pos[:, sl] = block
-        eos = int(block.max()) + 1
+        eos = self._after_vision(block, grid, p + 1)
         self._marker(i + 1 + n, eos, local)
         self.next_pos = eos + 1
         return i + n + 2
@@ -255,7 +290,7 @@ class _SampleBuilder:
         """<|vision_bos|><|audio_bos|> V0 A0 V1 A1 ... <|audio_eos|><|vision_eos|> with shared time axis."""
         g, grid, spg, per_t, t_index = self._video_meta()
         ga, n_mel = self._take("audio", self.media.audio_lengths, "audio")
-        n_a = MediaSpec.audio_tokens(int(n_mel))
+        n_a = MediaSpec.audio_tokens(int(n_mel), self.media.audio_n_window)
         n_v = grid[0] * per_t
         p = self.next_pos
         start = p + 1
@@ -305,6 +340,59 @@ class _SampleBuilder:
         self.next_pos = eos + 1
         return j + 2
 
+    def _audio_video_block_by_time(self, i: int) -> int:
+        """Qwen3-Omni's video with audio: <|vision_start|><|audio_start|> (two positions), then video and audio
+        tokens merged by time position (a video token goes first when its time is not later than the audio
+        token's), then <|audio_end|><|vision_end|> (two positions after the last token's)."""
+        g, grid, spg, per_t, t_index = self._video_meta()
+        ga, n_mel = self._take("audio", self.media.audio_lengths, "audio")
+        n_a = MediaSpec.audio_tokens(int(n_mel), self.media.audio_n_window)
+        n_v = grid[0] * per_t
+        p = self.next_pos
+        start = p + 2
+        v_block = self._vision_positions(grid, t_index, start)
+        a_block = np.tile(start + np.arange(n_a, dtype=self.pos.dtype), (3, 1))
+        v_time = np.repeat(np.arange(grid[0]) * spg, per_t)
+        a_time = np.arange(n_a) / self.media.position_id_per_seconds
+        lv = self._new_item(Modality.VIDEO, g, n_v, grid_thw=grid, seconds_per_grid=spg,
+                            duration_s=grid[0] * spg, with_audio=True)
+        la = self._new_item(Modality.AUDIO, ga, n_a, duration_s=n_a / self.media.position_id_per_seconds)
+        self._marker(i, p, lv)
+        self._expect_token(i + 1, self.tok.audio_bos, "<|audio_start|>", "<|vision_start|> of a video with audio")
+        self._marker(i + 1, p + 1, la)
+        order, vi, ai = [], 0, 0  # (is_video, index) in token order
+        while vi < n_v and ai < n_a:
+            if v_block[0, vi] <= a_block[0, ai]:
+                order.append((True, vi))
+                vi += 1
+            else:
+                order.append((False, ai))
+                ai += 1
+        # the reference appends the leftover tokens of one kind as one piece; the end markers follow its maximum
+        last_max = v_block[:, vi:].max() if vi < n_v else a_block[:, n_a - 1].max()
+        order += [(True, k) for k in range(vi, n_v)] + [(False, k) for k in range(ai, n_a)]
+        j = i + 2
+        got = self.ids[j:j + len(order)]
+        want = np.array([self.tok.video if is_v else self.tok.audio for is_v, _ in order])
+        if len(got) != len(want) or not np.all(got == want):
+            raise LayoutError(
+                f"sample {self.sample}: video item {g} with audio item {ga} should hold {n_v} video and {n_a} audio "
+                f"tokens merged by time from index {j}",
+                "let the processor expand video-with-audio prompts (use_audio_in_video=True on both the processor "
+                "and the model), or pass use_audio_in_video=False")
+        for is_v, k in order:
+            self.mod[j] = int(Modality.VIDEO if is_v else Modality.AUDIO)
+            self.item[j] = lv if is_v else la
+            self.time[j] = v_time[k] if is_v else a_time[k]
+            self.pos[:, j] = v_block[:, k] if is_v else a_block[:, k]
+            j += 1
+        self._expect_token(j, self.tok.audio_eos, "<|audio_end|>", f"video item {g} with audio")
+        self._expect_token(j + 1, self.tok.vision_eos, "<|vision_end|>", f"video item {g} with audio")
+        self._marker(j, last_max + 1, la)
+        self._marker(j + 1, last_max + 2, lv)
+        self.next_pos = last_max + 3
+        return j + 2
+
     def run(self):
         ids, tok, i = self.ids, self.tok, 0
         while i < len(ids):
@@ -315,7 +403,8 @@ class _SampleBuilder:
             elif t == tok.vision_bos and nxt == tok.image:
                 i = self._image_block(i)
             elif t == tok.vision_bos and nxt == tok.audio_bos and self.media.use_audio_in_video:
-                i = self._audio_video_block(i)
+                i = (self._audio_video_block_by_time(i) if self.media.rope_rules == "qwen3_omni"
+                     else self._audio_video_block(i))
             elif t == tok.vision_bos and nxt == tok.video:
                 if self.media.use_audio_in_video:
                     raise LayoutError(
@@ -353,8 +442,11 @@ def build_layout(
     mod = np.full((B, T), int(Modality.PAD), dtype=np.int64)
     item = np.full((B, T), -1, dtype=np.int64)
     time = np.full((B, T), np.nan, dtype=np.float64)
-    pos = np.ones((3, B, T), dtype=np.int64)  # pads keep position 1, as the reference does
-    deltas = np.zeros((B, 1), dtype=np.int64)
+    if media.float_positions:  # Qwen3-Omni: float positions, pads at 0
+        pos, deltas = np.zeros((3, B, T), dtype=np.float64), np.zeros((B, 1), dtype=np.float64)
+    else:
+        pos = np.ones((3, B, T), dtype=np.int64)  # pads keep position 1, as the reference does
+        deltas = np.zeros((B, 1), dtype=np.int64)
     counters = {"audio": 0, "image": 0, "video": 0}
     items: list[MediaItem] = []
     for b in range(B):
@@ -363,7 +455,7 @@ def build_layout(
         mod[b, real], item[b, real], time[b, real] = sb.mod, sb.item, sb.time
         pos[:, b, real] = sb.pos
         n_real = int(real.sum())
-        deltas[b, 0] = (int(sb.pos.max()) + 1 - n_real) if n_real else 0
+        deltas[b, 0] = (sb.pos.max() + 1 - n_real) if n_real else 0
         items.extend(sb.items)
     for key, seq in (("audio", media.audio_lengths), ("image", media.image_grid_thw), ("video", media.video_grid_thw)):
         if counters[key] != len(seq):
@@ -371,8 +463,9 @@ def build_layout(
                               f"block(s)", f"add one placeholder block per {key} input, or drop the extra {key}")
     return ModalityLayout(
         modality=torch.from_numpy(mod), item=torch.from_numpy(item), time=torch.from_numpy(time).float(),
-        position_ids=torch.from_numpy(pos), attention_mask=torch.from_numpy(mask.astype(np.int64)),
-        token_ids=input_ids.detach().cpu().long(), rope_deltas=torch.from_numpy(deltas), prompt_len=T,
+        position_ids=torch.from_numpy(pos).to(torch.float32 if media.float_positions else torch.int64),
+        attention_mask=torch.from_numpy(mask.astype(np.int64)), token_ids=input_ids.detach().cpu().long(),
+        rope_deltas=torch.from_numpy(deltas).to(torch.float32 if media.float_positions else torch.int64), prompt_len=T,
         items=tuple(items), special_names=tokens.special_names(), use_audio_in_video=media.use_audio_in_video,
     )
 

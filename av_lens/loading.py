@@ -173,11 +173,19 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
     from safetensors import safe_open
 
     cfg = model.cfg
-    expected = adapter.expected_keys(cfg.n_layers, cfg.tie_word_embeddings)
-    by_ckpt = {v: k for k, v in expected.items()}
+    expected = adapter.expected_keys(cfg.n_layers, cfg.tie_word_embeddings, cfg)
+    by_ckpt: dict[str, str] = {}
+    rows_of: dict[str, tuple[str, int]] = {}  # checkpoint key -> (stacked parameter, expert row)
+    rows_needed: dict[str, set[int]] = {}
     targets: dict[str, torch.Tensor] = {}
-    for ours in expected:
+    for ours, theirs in expected.items():
         targets[ours] = model.get_parameter(ours)
+        if "{e}" in theirs:  # one checkpoint tensor per expert, stacked into one parameter here
+            rows_needed[ours] = set(range(targets[ours].shape[0]))
+            for e in rows_needed[ours]:
+                rows_of[theirs.format(e=e)] = (ours, e)
+        else:
+            by_ckpt[theirs] = ours
     for attr, prefix in adapter.towers.items():
         for name, t in getattr(model, attr).state_dict(keep_vars=True).items():
             by_ckpt[prefix + name] = f"{attr}.{name}"
@@ -196,7 +204,9 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
                     continue
                 if k == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
-                ours = by_ckpt.get(k)
+                ours, row = by_ckpt.get(k), None
+                if ours is None and k in rows_of:
+                    ours, row = rows_of[k]
                 if ours is None:
                     unexpected.append(key)
                     continue
@@ -205,17 +215,23 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
                 except Exception as e:  # noqa: BLE001
                     raise CheckpointError(f"cannot read tensor {key!r} from {f.name}: {e}",
                                           "the file is truncated or corrupt; download it again") from e
-                dst = targets[ours]
+                dst = targets[ours] if row is None else targets[ours][row]
                 if tuple(src.shape) != tuple(dst.shape):
                     raise CheckpointError(f"tensor {key!r} has shape {tuple(src.shape)} but the config implies "
                                           f"{tuple(dst.shape)}", "config.json and the weights belong to different models")
                 with torch.no_grad():
                     dst.copy_(src)
-                loaded.add(ours)
+                if row is None:
+                    loaded.add(ours)
+                else:
+                    rows_needed[ours].discard(row)
+                    if not rows_needed[ours]:
+                        loaded.add(ours)
                 del src
     missing = sorted(set(targets) - loaded - _non_weight_entries(model, adapter))
     if missing:
         as_named = {ours: ckpt for ckpt, ours in by_ckpt.items()}  # name them as the checkpoint would
+        as_named.update({ours: ckpt for ckpt, (ours, e) in rows_of.items() if e in rows_needed.get(ours, ())})
         raise CheckpointError(
             f"{folder} lacks {len(missing)} tensors the model needs (e.g. {[as_named.get(m, m) for m in missing[:3]]})",
             "the checkpoint is truncated or of another model; download it again or pick the matching folder",

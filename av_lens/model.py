@@ -62,6 +62,7 @@ class RunState:
     query_start: int
     n_query: int
     cache: "KVCache | None" = None  # during generate: keys/values of earlier positions (before this step's)
+    deepstack: dict[int, Tensor] | None = None  # Qwen3-Omni: layer -> visual features added after that block
 
     @property
     def is_decoding(self) -> bool:
@@ -109,9 +110,13 @@ class HookedAVTransformer(HookedRootModule):
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, tied_to=self.embed if cfg.tie_word_embeddings else None)
         for name, tower in adapter.build_towers(hf_config).items():
             setattr(self, name, tower)
-        self.audio_encoder = EncoderHooks(len(adapter.encoder_layers(self.audio_tower, "audio")))
-        self.image_encoder = EncoderHooks(len(adapter.encoder_layers(self.visual, "vision")))
-        self.video_encoder = EncoderHooks(len(adapter.encoder_layers(self.visual, "vision")))
+        # encoder hook points (audio_encoder.*, image_encoder.*, video_encoder.*) for the media the model takes
+        if "audio" in cfg.modalities:
+            self.audio_encoder = EncoderHooks(len(adapter.encoder_layers(self.audio_tower, "audio")))
+        if "image" in cfg.modalities:
+            self.image_encoder = EncoderHooks(len(adapter.encoder_layers(self.visual, "vision")))
+        if "video" in cfg.modalities:
+            self.video_encoder = EncoderHooks(len(adapter.encoder_layers(self.visual, "vision")))
         # The rotary module is kept out of the module tree so that model.to(dtype) leaves its fp32 tables alone.
         object.__setattr__(self, "_rotary", adapter.build_rotary(hf_config))
         self.run_state: RunState | None = None
@@ -185,14 +190,22 @@ class HookedAVTransformer(HookedRootModule):
                 x, self.cfg.tokens, use_audio_in_video=bool(use_audio_in_video),
                 spatial_merge_size=self.cfg.spatial_merge_size,
                 position_id_per_seconds=self.cfg.position_id_per_seconds, seconds_per_chunk=self.cfg.seconds_per_chunk,
+                rope_rules=self.cfg.rope_rules, audio_n_window=self.cfg.audio_n_window,
             ).to(self.device)
         if isinstance(x, Tensor):
             return AVInput.from_processor_output({"input_ids": x}, self.cfg.tokens,
-                                                 spatial_merge_size=self.cfg.spatial_merge_size)
+                                                 spatial_merge_size=self.cfg.spatial_merge_size,
+                                                 rope_rules=self.cfg.rope_rules, audio_n_window=self.cfg.audio_n_window)
         raise InputError(f"cannot run the model on a {type(x).__name__}",
                          "pass an AVInput from model.prepare(...), token ids [batch, pos], a string, or a processor dict")
 
     def _check_input(self, inp: AVInput) -> None:
+        for kind in _MEDIA_KINDS:
+            if kind not in self.cfg.modalities and (self._has_media(inp, kind) or kind in inp.encoder_outputs
+                                                     or bool((inp.input_ids == self._token_id(kind)).any())):
+                raise InputError(f"the input has {kind} but {self.cfg.model_name or 'this model'} "
+                                 f"({self.cfg.original_architecture}) takes only {', '.join(self.cfg.modalities)}",
+                                 f"drop the {kind} from the prompt, or load an audio-visual model for it")
         dev = self.device
         for name, t in [("input_ids", inp.input_ids), *inp.media_tensors().items(), *inp.encoder_outputs.items()]:
             if t.device.type != dev.type or (dev.index is not None and t.device.index not in (None, dev.index)):
@@ -207,6 +220,12 @@ class HookedAVTransformer(HookedRootModule):
                              f"vocabulary has {self.cfg.d_vocab} entries",
                              "tokenize with this model's tokenizer (model.tokenizer / model.prepare)")
 
+    def reference_kwargs(self, inputs: AVInput) -> dict[str, Any]:
+        """Keyword arguments that run the same input through the transformers model of this architecture
+        (for parity checks: ``reference(**model.reference_kwargs(inputs))``)."""
+        fn = self.adapter.reference_kwargs
+        return fn(inputs) if fn is not None else inputs.hf_kwargs()
+
     # ------------------------------------------------------------------------------------------- encoders
     def encode(self, inputs: AVInput) -> AVInput:
         """Run the audio/vision towers once and return inputs that carry their outputs (for sweeps)."""
@@ -214,8 +233,15 @@ class HookedAVTransformer(HookedRootModule):
         outs = dict(inputs.encoder_outputs)
         for kind in _MEDIA_KINDS:
             if kind not in outs and self._has_media(inputs, kind):
-                outs[kind] = self.adapter.encode[kind](self, inputs).to(self.cfg.dtype)
+                feats, extras = self._encode(kind, inputs)
+                outs[kind] = feats.to(self.cfg.dtype)
+                outs.update({k: v.to(self.cfg.dtype) for k, v in extras.items()})
         return inputs.with_encoder_outputs(outs)
+
+    def _encode(self, kind: str, inp: AVInput) -> tuple[Tensor, dict[str, Tensor]]:
+        """One tower call: its output tokens, and any side outputs (``"{kind}_deepstack"`` [n_deepstack, n, d])."""
+        out = self.adapter.encode[kind](self, inp)
+        return out if isinstance(out, tuple) else (out, {})
 
     @staticmethod
     def _has_media(inp: AVInput, kind: str) -> bool:
@@ -228,11 +254,14 @@ class HookedAVTransformer(HookedRootModule):
         """Token embeddings with the encoder outputs scattered into their placeholder positions (before hook_embed)."""
         ids = inp.input_ids
         embeds = self.embed(ids)
+        deepstack: dict[int, Tensor] = {}
         for kind in _MEDIA_KINDS:
+            extras = {}
             if kind in inp.encoder_outputs:
                 feats = inp.encoder_outputs[kind]
+                extras = {k: v for k, v in inp.encoder_outputs.items() if k == f"{kind}_deepstack"}
             elif self._has_media(inp, kind):
-                feats = self.adapter.encode[kind](self, inp)
+                feats, extras = self._encode(kind, inp)
             else:
                 feats = None
             where = ids == self._token_id(kind)
@@ -247,6 +276,12 @@ class HookedAVTransformer(HookedRootModule):
                                   f"{kind} placeholders", "let model.prepare(...) expand the placeholders for this media")
             feats = getattr(self, f"hook_{kind}_embed")(feats.to(embeds.dtype))
             embeds = embeds.masked_scatter(where[..., None], feats)
+            for layer, layer_feats in enumerate(extras.get(f"{kind}_deepstack", ())):
+                if layer not in deepstack:
+                    deepstack[layer] = torch.zeros_like(embeds)
+                deepstack[layer] = deepstack[layer].masked_scatter(where[..., None], layer_feats.to(embeds.dtype))
+        if self.run_state is not None:
+            self.run_state.deepstack = deepstack or None
         return embeds
 
     # ------------------------------------------------------------------------------------------- forward
@@ -274,7 +309,8 @@ class HookedAVTransformer(HookedRootModule):
         """The decoder stack on merged embeddings: hook_embed, the blocks, the final norm and unembedding."""
         resid = self.hook_embed(resid)
         cos, sin = self._rotary_tables(resid, position_ids)
-        ctx = AttnContext(cos=cos, sin=sin, mask=self._additive_mask(key_mask, resid.shape[1], resid.dtype), cache=cache)
+        ctx = AttnContext(cos=cos, sin=sin, mask=self._additive_mask(key_mask, resid.shape[1], resid.dtype), cache=cache,
+                          deepstack=self.run_state.deepstack if self.run_state is not None else None)
         route = None
         if self.device_map is not None:  # placed on several devices: move the stream and ctx at boundaries
             from av_lens.placement import Route

@@ -25,7 +25,6 @@ from av_lens.inputs import AVInput
 AUDIO_PH = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 IMAGE_PH = "<|vision_bos|><|IMAGE|><|vision_eos|>"
 VIDEO_PH = "<|vision_bos|><|VIDEO|><|vision_eos|>"
-_PLACEHOLDERS = ("<|AUDIO|>", "<|IMAGE|>", "<|VIDEO|>")
 
 
 def _as_list(x) -> list:
@@ -106,21 +105,43 @@ def check_image(img: Any, what: str) -> Any:
     return arr
 
 
+def placeholders(model) -> dict[str, str]:
+    """Each media kind's placeholder block in this model's vocabulary (kind -> e.g. ``"<|vision_bos|><|IMAGE|>
+    <|vision_eos|>"``), spelled from the model's token ids: Qwen2.5-Omni and Qwen2.5-VL share the ids but not
+    the strings (``<|IMAGE|>`` vs ``<|image_pad|>``)."""
+    t, tok = model.cfg.tokens, model.tokenizer
+    if tok is None:
+        return {"audio": AUDIO_PH, "image": IMAGE_PH, "video": VIDEO_PH}
+    s = lambda i: tok.convert_ids_to_tokens(int(i))
+    out = {"image": s(t.vision_bos) + s(t.image) + s(t.vision_eos), "video": s(t.vision_bos) + s(t.video) + s(t.vision_eos)}
+    if "audio" in model.cfg.modalities:
+        out["audio"] = s(t.audio_bos) + s(t.audio) + s(t.audio_eos)
+    return out
+
+
 def chat_prompt(text: str, *, n_images: int = 0, n_videos: int = 0, n_audio: int = 0,
-                system_prompt: str | None = None) -> str:
-    """The Qwen2.5-Omni chat format: media placeholders (videos, images, audio) then the text, then the
-    assistant turn. If ``text`` already holds placeholders it is used as the user turn as is."""
-    has_ph = any(p in text for p in _PLACEHOLDERS)
-    media = "" if has_ph else VIDEO_PH * n_videos + IMAGE_PH * n_images + AUDIO_PH * n_audio
+                system_prompt: str | None = None, media_placeholders: dict[str, str] | None = None) -> str:
+    """The Qwen chat format: media placeholders (videos, images, audio) then the text, then the
+    assistant turn. If ``text`` already holds placeholders it is used as the user turn as is.
+    ``media_placeholders`` (from :func:`placeholders`) default to Qwen2.5-Omni's."""
+    ph = media_placeholders or {"audio": AUDIO_PH, "image": IMAGE_PH, "video": VIDEO_PH}
+    has_ph = any(_inner(p) in text for p in ph.values())
+    media = "" if has_ph else ph["video"] * n_videos + ph["image"] * n_images + ph.get("audio", "") * n_audio
     sys_turn = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
     return f"{sys_turn}<|im_start|>user\n{media}{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _audio_slot_order(text: str) -> list[str]:
+def _inner(block: str) -> str:
+    """The placeholder token of a placeholder block (``<|IMAGE|>`` of ``<|vision_bos|><|IMAGE|><|vision_eos|>``)."""
+    parts = block.split("><")
+    return "<" + parts[1] + ">" if len(parts) == 3 else block
+
+
+def _audio_slot_order(text: str, audio_token: str = "<|AUDIO|>", video_token: str = "<|VIDEO|>") -> list[str]:
     """For each audio slot in text order: 'video' (a soundtrack interleaved with a video) or 'audio'."""
     order, i = [], 0
     while True:
-        a, v = text.find("<|AUDIO|>", i), text.find("<|VIDEO|>", i)
+        a, v = text.find(audio_token, i), text.find(video_token, i)
         if a < 0 and v < 0:
             return order
         if v >= 0 and (a < 0 or v < a):
@@ -160,7 +181,11 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
     if text is None:
         raise InputError("prepare() needs a text prompt", "pass text='Describe what you see and hear.'")
     proc = model.processor
-    fe = proc.feature_extractor
+    ph = placeholders(model)
+    if "audio" not in cfg.modalities and (audio is not None or video_audio is not None):
+        raise InputError(f"{cfg.model_name or 'this model'} ({cfg.original_architecture}) takes no audio",
+                         "drop audio= and video_audio=, or load an audio-visual model")
+    fe = getattr(proc, "feature_extractor", None)
     sr = int(getattr(fe, "sampling_rate", cfg.audio_sample_rate))
     max_s = float(getattr(fe, "n_samples", 0)) / sr or None
     audio = [check_audio(a, sr, f"audio[{i}]", max_s) for i, a in enumerate(_as_list(audio))]
@@ -179,14 +204,19 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
     if system_prompt == "default":
         system_prompt = cfg.system_prompt
     if chat:
-        if len(texts) > 1 and not all(any(p in t for p in _PLACEHOLDERS) for t in texts) and (audio or images or videos):
+        if len(texts) > 1 and not all(any(_inner(p) in t for p in ph.values()) for t in texts) and (audio or images or videos):
             raise InputError("a batch of prompts with media needs the media placeholders in each prompt",
-                             "write e.g. '<|vision_bos|><|VIDEO|><|vision_eos|>What do you hear?' in each text")
+                             f"write e.g. '{ph['video']}What do you hear?' in each text")
         texts = [chat_prompt(t, n_images=len(images), n_videos=len(videos), n_audio=len(audio),
-                             system_prompt=system_prompt) for t in texts]
-    kwargs: dict[str, Any] = dict(return_tensors="pt", padding=True)
+                             system_prompt=system_prompt, media_placeholders=ph) for t in texts]
+    # left padding, which generation needs (the Omni processor pads left by default, Qwen2.5-VL's right)
+    kwargs: dict[str, Any] = dict(return_tensors="pt", padding=True, padding_side="left")
     if videos:
         vk = {"fps": float(fps), "do_sample_frames": False}
+        if "audio" not in cfg.modalities:
+            # the Qwen2.5-VL processor times frames from their metadata (without it: 24 fps), not from fps=
+            vk["video_metadata"] = [{"fps": float(fps), "total_num_frames": len(v), "frames_indices": list(range(len(v)))}
+                                    for v in videos]
         size = _own_video_size(model)
         if size is not None:
             vk["size"] = size
@@ -195,7 +225,7 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
     if use_audio_in_video and videos:
         # audio slots in text order: each video's soundtrack where its video is, standalone clips elsewhere
         slots, v_it, a_it, idx = [], iter(range(len(videos))), iter(audio), []
-        for kind in (k for t in texts for k in _audio_slot_order(t)):
+        for kind in (k for t in texts for k in _audio_slot_order(t, _inner(ph["audio"]), _inner(ph["video"]))):
             if kind == "video":
                 vi = next(v_it)
                 slots.append(video_audio[vi])
@@ -210,8 +240,13 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
         kwargs["load_audio_from_video"] = True
         kwargs["audio_from_video_indices"] = idx
     kwargs.update(processor_kwargs or {})
+    if all_audio:
+        kwargs["audio"] = all_audio
+    if cfg.rope_rules == "qwen3_omni":  # its processor interleaves audio-in-video by these two settings
+        kwargs["position_id_per_seconds"] = cfg.position_id_per_seconds
+        kwargs["n_window"] = cfg.audio_n_window
     try:
-        data = proc(text=texts, audio=all_audio or None, images=images or None, videos=videos or None, **kwargs)
+        data = proc(text=texts, images=images or None, videos=videos or None, **kwargs)
     except (ValueError, IndexError, RuntimeError) as e:
         raise MediaError(f"the processor rejected these inputs: {e}",
                          "check that each placeholder has its media (one per <|AUDIO|>/<|IMAGE|>/<|VIDEO|>) "
@@ -219,7 +254,7 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
     inp = AVInput.from_processor_output(
         data, cfg.tokens, use_audio_in_video=bool(use_audio_in_video and videos),
         spatial_merge_size=cfg.spatial_merge_size, position_id_per_seconds=cfg.position_id_per_seconds,
-        seconds_per_chunk=cfg.seconds_per_chunk,
+        seconds_per_chunk=cfg.seconds_per_chunk, rope_rules=cfg.rope_rules, audio_n_window=cfg.audio_n_window,
     )
     return inp.to(model.device)
 

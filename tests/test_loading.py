@@ -43,6 +43,27 @@ def test_registry_specs_are_complete():
     assert 2 * sum(s3.config["mrope_section"]) == s3.config["d_head"]
 
 
+def test_every_spec_names_real_fields_and_a_registered_adapter():
+    """A misspelt YAML key would silently never be checked: every key must be an AVConfig field or token name."""
+    import dataclasses
+
+    from av_lens.adapters import adapters
+    from av_lens.config import AVConfig
+    from av_lens.layout import TokenIds
+
+    fields = {f.name for f in dataclasses.fields(AVConfig)}
+    token_fields = {f.name for f in dataclasses.fields(TokenIds)}
+    registered = {a.name for a in adapters()}
+    all_specs = specs()
+    assert {"Qwen2.5-VL-3B", "Qwen2.5-VL-7B", "Qwen3-Omni-30B-A3B"} <= {s.name for s in all_specs}
+    for s in all_specs:
+        assert s.adapter in registered, s.name
+        assert set(s.config) <= fields, (s.name, set(s.config) - fields)
+        assert set(s.tokens) <= token_fields, (s.name, set(s.tokens) - token_fields)
+        if "mrope_section" in s.config and "d_head" in s.config:
+            assert 2 * sum(s.config["mrope_section"]) == s.config["d_head"], s.name
+
+
 def test_model_config_check_passes_and_fails(tmp_path, tiny_dir):
     good = tmp_path / "tiny.yaml"
     good.write_text("name: tiny\nadapter: qwen2_5_omni\nconfig: {n_layers: 2, d_model: 64, mrope_section: [2, 3, 3]}\n"
@@ -95,7 +116,7 @@ def test_not_a_thinker(tmp_path):
     d = tmp_path / "llama"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(CheckpointError, match="not a supported audio-visual thinker"):
+    with pytest.raises(CheckpointError, match="not a supported audio-visual model"):
         HookedAVTransformer.from_pretrained(d)
 
 

@@ -37,6 +37,8 @@ class Adapter:
     strip_prefixes: tuple[str, ...] = ("",)
     #: checkpoint key prefixes that are not part of the thinker and are skipped
     skip_prefixes: tuple[str, ...] = ()
+    #: (old, new) prefix renames applied after stripping, so that several key layouts of one architecture load
+    rename_prefixes: tuple[tuple[str, str], ...] = ()
     #: functions of the adapter (config conversion, tower construction and calls)
     thinker_config: Callable[[Any], Any] = None  # hf config -> thinker config
     to_av_config: Callable[..., Any] = None  # (thinker config, tokenizer) -> AVConfig
@@ -44,13 +46,21 @@ class Adapter:
     build_rotary: Callable[[Any], nn.Module] = None  # thinker config -> rotary module (positions -> cos, sin)
     encoder_layers: Callable[[nn.Module, str], list[nn.Module]] = None  # (tower, kind) -> its layers
     encode: dict[str, Callable] = field(default_factory=dict)  # kind -> fn(model, AVInput) -> [n_tok, d_model]
+    #: AVInput -> keyword arguments of the transformers reference model (None: ``AVInput.hf_kwargs()``)
+    reference_kwargs: Callable[[Any], dict] | None = None
+    #: (AVConfig, layer) -> extra per-layer entries, for layers that differ (dense vs mixture-of-experts MLPs).
+    #: A checkpoint key holding "{e}" is one expert's slice of a stacked [n_experts, ...] parameter.
+    layer_extra: Callable[[Any, int], dict[str, str]] | None = None
 
-    def expected_keys(self, n_layers: int, tied: bool) -> dict[str, str]:
+    def expected_keys(self, n_layers: int, tied: bool, cfg: Any = None) -> dict[str, str]:
         """av_lens parameter name -> checkpoint key (prefix-stripped) for the backbone."""
         keys = {k: v for k, v in self.global_map.items() if not (tied and k == "unembed.weight")}
         for layer in range(n_layers):
-            for ours, theirs in self.layer_map.items():
-                keys[ours.format(l=layer)] = theirs.format(l=layer)
+            entries = dict(self.layer_map)
+            if self.layer_extra is not None:
+                entries.update(self.layer_extra(cfg, layer))
+            for ours, theirs in entries.items():
+                keys[ours.format(l=layer)] = theirs.replace("{l}", str(layer))
         return keys
 
     def strip(self, key: str) -> str | None:
@@ -59,7 +69,11 @@ class Adapter:
             return None
         for p in self.strip_prefixes:
             if p and key.startswith(p):
-                return key[len(p):]
+                key = key[len(p):]
+                break
+        for old, new in self.rename_prefixes:
+            if key.startswith(old):
+                return new + key[len(old):]
         return key
 
 
@@ -84,6 +98,6 @@ def adapter_for(config_dict: dict, where: str) -> Adapter:
     supported = sorted(t for a in _REGISTRY.values() for t in a.model_types)
     raise CheckpointError(
         f"{where} holds a {model_type or 'config without model_type'!s} checkpoint "
-        f"(architectures {config_dict.get('architectures')}), which is not a supported audio-visual thinker",
+        f"(architectures {config_dict.get('architectures')}), which is not a supported audio-visual model (or base VLM)",
         f"load a checkpoint whose config.json model_type is one of {supported} (e.g. Qwen/Qwen2.5-Omni-3B)",
     )

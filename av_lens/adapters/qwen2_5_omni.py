@@ -28,19 +28,41 @@ def _tok_id(tc, *names):
     raise CheckpointError(f"the thinker config has none of {names}", "use a complete Qwen2.5-Omni config.json")
 
 
-def _to_av_config(tc, tokenizer=None, **overrides) -> AVConfig:
-    text = tc.text_config
-    if getattr(text, "use_sliding_window", False):
-        raise CheckpointError("this checkpoint enables sliding-window attention, which av_lens does not implement",
-                              "use a checkpoint with use_sliding_window=false (all released Qwen2.5-Omni models)")
-    rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+def _marker_ids(tokenizer) -> dict[int, str]:
+    """Token id -> name of the chat markers the tokenizer has (<|im_start|>, <|im_end|>, <|endoftext|>)."""
     markers = {}
     if tokenizer is not None:
         for tok, name in _MARKER_TOKENS.items():
             tid = tokenizer.convert_tokens_to_ids(tok)
             if isinstance(tid, int) and tid != tokenizer.unk_token_id:
                 markers[tid] = name
+    return markers
+
+
+def _text_model_kwargs(text, markers: dict[int, str], tie: bool) -> dict:
+    """AVConfig fields of a Qwen2-style decoder config (shared by the Qwen2.5 Omni and VL adapters)."""
+    if getattr(text, "use_sliding_window", False):
+        raise CheckpointError("this checkpoint enables sliding-window attention, which av_lens does not implement",
+                              "use a checkpoint with use_sliding_window=false (all released Qwen2.5 Omni/VL models)")
+    rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    eos = text.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    for tid, name in markers.items():
+        if name == "im_end" and tid not in eos:
+            eos.append(tid)
+    return dict(
+        n_layers=text.num_hidden_layers, d_model=text.hidden_size, n_heads=text.num_attention_heads,
+        n_key_value_heads=text.num_key_value_heads, d_head=head_dim, d_mlp=text.intermediate_size,
+        d_vocab=text.vocab_size, n_ctx=text.max_position_embeddings, eps=text.rms_norm_eps, act_fn=text.hidden_act,
+        rotary_base=float(rope.get("rope_theta", getattr(text, "rope_theta", 1e6))),
+        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+        tie_word_embeddings=tie, pad_token_id=text.pad_token_id, eos_token_ids=tuple(eos),
+    )
+
+
+def _to_av_config(tc, tokenizer=None, **overrides) -> AVConfig:
+    markers = _marker_ids(tokenizer)
     tokens = TokenIds(
         audio=_tok_id(tc, "audio_token_index", "audio_token_id"),
         image=_tok_id(tc, "image_token_index", "image_token_id"),
@@ -49,19 +71,9 @@ def _to_av_config(tc, tokenizer=None, **overrides) -> AVConfig:
         vision_bos=_tok_id(tc, "vision_start_token_id"), vision_eos=_tok_id(tc, "vision_end_token_id"),
         markers=markers,
     )
-    eos = text.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
-    for tid, name in markers.items():
-        if name == "im_end" and tid not in eos:
-            eos.append(tid)
-    kw = dict(
-        n_layers=text.num_hidden_layers, d_model=text.hidden_size, n_heads=text.num_attention_heads,
-        n_key_value_heads=text.num_key_value_heads, d_head=head_dim, d_mlp=text.intermediate_size,
-        d_vocab=text.vocab_size, n_ctx=text.max_position_embeddings, eps=text.rms_norm_eps, act_fn=text.hidden_act,
-        rotary_base=float(rope.get("rope_theta", getattr(text, "rope_theta", 1e6))),
-        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
-        tie_word_embeddings=bool(getattr(tc, "tie_word_embeddings", False)),
-        tokens=tokens, pad_token_id=text.pad_token_id, eos_token_ids=tuple(eos),
+    kw = _text_model_kwargs(tc.text_config, markers, tie=bool(getattr(tc, "tie_word_embeddings", False)))
+    kw.update(
+        tokens=tokens,
         position_id_per_seconds=int(tc.position_id_per_seconds), seconds_per_chunk=float(tc.seconds_per_chunk),
         spatial_merge_size=int(tc.vision_config.spatial_merge_size),
         original_architecture="Qwen2_5OmniThinkerForConditionalGeneration",

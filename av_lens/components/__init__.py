@@ -6,6 +6,7 @@ from av_lens.components.block import TransformerBlock
 from av_lens.components.embed import Embed, Unembed
 from av_lens.components.encoders import EncoderHooks
 from av_lens.components.mlp import GatedMLP
+from av_lens.components.moe import SparseMoE
 from av_lens.components.rms_norm import RMSNorm
 
-__all__ = ["Attention", "TransformerBlock", "Embed", "Unembed", "EncoderHooks", "GatedMLP", "RMSNorm"]
+__all__ = ["Attention", "TransformerBlock", "Embed", "Unembed", "EncoderHooks", "GatedMLP", "RMSNorm", "SparseMoE"]

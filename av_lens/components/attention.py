@@ -8,6 +8,7 @@ output bias.
 Hook points, in forward order (TransformerLens names and shapes):
 
 * ``hook_q`` [batch, pos, head_index, d_head], ``hook_k`` / ``hook_v`` [batch, pos, kv_head, d_head]
+* ``q_norm.*`` / ``k_norm.*`` — with ``cfg.qk_norm`` (Qwen3), the per-head RMSNorm of q and k
 * ``hook_rot_q`` / ``hook_rot_k`` — after the rotary embedding
 * ``hook_attn_mask`` [batch, 1, query_pos, key_pos] — the additive mask (0 or the dtype's minimum) this
   layer's attention will use (causal + padding). Only materialised while hooked; a hook returns an edited
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import apply_rotary_pos_emb
 
+from av_lens.components.rms_norm import RMSNorm
 from av_lens.config import AVConfig
 
 
@@ -51,6 +53,7 @@ class AttnContext:
     cache: "KVCache | None" = None
     force_explicit: bool = False
     causal: Tensor | None = None  # additive causal mask [q, k], built once per forward when a layer needs it
+    deepstack: dict[int, Tensor] | None = None  # layer -> [batch, pos, d_model] added after that block (Qwen3)
 
     def causal_mask(self, P: int, K: int, dtype: torch.dtype, device) -> Tensor:
         """The additive causal mask (0 / dtype minimum) for P queries ending at key K, shared by all layers."""
@@ -85,10 +88,13 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         nh, nkv, dh, dm = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
-        self.q_proj = nn.Linear(dm, nh * dh, bias=True)
-        self.k_proj = nn.Linear(dm, nkv * dh, bias=True)
-        self.v_proj = nn.Linear(dm, nkv * dh, bias=True)
+        self.q_proj = nn.Linear(dm, nh * dh, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(dm, nkv * dh, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(dm, nkv * dh, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(nh * dh, dm, bias=False)
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k (between hook_q/hook_k and the rotary embedding)
+            self.q_norm = RMSNorm(dh, cfg.eps)
+            self.k_norm = RMSNorm(dh, cfg.eps)
         self.scale = dh ** -0.5
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_rot_q, self.hook_rot_k = HookPoint(), HookPoint()
@@ -101,9 +107,13 @@ class Attention(nn.Module):
     def W_Q(self) -> Float[Tensor, "head_index d_model d_head"]:
         return einops.rearrange(self.q_proj.weight, "(h d) m -> h m d", h=self.cfg.n_heads)
 
+    def _bias(self, lin: nn.Linear) -> Tensor:
+        return lin.bias if lin.bias is not None else torch.zeros(lin.out_features, device=lin.weight.device,
+                                                                 dtype=lin.weight.dtype)
+
     @property
     def b_Q(self) -> Float[Tensor, "head_index d_head"]:
-        return einops.rearrange(self.q_proj.bias, "(h d) -> h d", h=self.cfg.n_heads)
+        return einops.rearrange(self._bias(self.q_proj), "(h d) -> h d", h=self.cfg.n_heads)
 
     @property
     def _W_K(self) -> Float[Tensor, "kv_head d_model d_head"]:
@@ -115,11 +125,11 @@ class Attention(nn.Module):
 
     @property
     def _b_K(self) -> Float[Tensor, "kv_head d_head"]:
-        return einops.rearrange(self.k_proj.bias, "(h d) -> h d", h=self.cfg.n_key_value_heads)
+        return einops.rearrange(self._bias(self.k_proj), "(h d) -> h d", h=self.cfg.n_key_value_heads)
 
     @property
     def _b_V(self) -> Float[Tensor, "kv_head d_head"]:
-        return einops.rearrange(self.v_proj.bias, "(h d) -> h d", h=self.cfg.n_key_value_heads)
+        return einops.rearrange(self._bias(self.v_proj), "(h d) -> h d", h=self.cfg.n_key_value_heads)
 
     @property
     def W_K(self) -> Float[Tensor, "head_index d_model d_head"]:
@@ -173,6 +183,8 @@ class Attention(nn.Module):
         q = self.hook_q(self.q_proj(x).view(B, P, nh, dh))
         k = self.hook_k(self.k_proj(x).view(B, P, nkv, dh))
         v = self.hook_v(self.v_proj(x).view(B, P, nkv, dh))
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary_pos_emb(q, k, ctx.cos, ctx.sin, unsqueeze_dim=2)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]

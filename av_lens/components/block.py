@@ -1,6 +1,11 @@
 """One pre-norm decoder block: ``resid_mid = resid_pre + attn(ln1(resid_pre))``,
 ``resid_post = resid_mid + mlp(ln2(resid_mid))``, with TransformerLens's residual hook points
-(``hook_resid_pre``, ``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_out``, ``hook_resid_post``)."""
+(``hook_resid_pre``, ``hook_attn_out``, ``hook_resid_mid``, ``hook_mlp_out``, ``hook_resid_post``).
+
+The MLP is a dense SwiGLU or, in the layers ``cfg.moe_layers``, a sparse mixture of experts. In the first
+``cfg.n_deepstack`` layers of a Qwen3-Omni thinker, the vision tower's intermediate ("deepstack") features
+are added to the image and video positions after the MLP: ``resid_post = resid_mid + mlp_out + deepstack``,
+with ``hook_deepstack`` [batch, pos, d_model] (zero at other positions) so that they can be read or ablated."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from transformer_lens.hook_points import HookPoint
 
 from av_lens.components.attention import Attention, AttnContext
 from av_lens.components.mlp import GatedMLP
+from av_lens.components.moe import SparseMoE
 from av_lens.components.rms_norm import RMSNorm
 from av_lens.config import AVConfig
 
@@ -21,16 +27,22 @@ class TransformerBlock(nn.Module):
         self.ln1 = RMSNorm(cfg.d_model, cfg.eps)
         self.attn = Attention(cfg, layer)
         self.ln2 = RMSNorm(cfg.d_model, cfg.eps)
-        self.mlp = GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
+        self.mlp = SparseMoE(cfg) if layer in cfg.moe_layers else GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        if layer < cfg.n_deepstack:
+            self.hook_deepstack = HookPoint()
 
     def forward(self, resid: Float[Tensor, "batch pos d_model"], ctx: AttnContext) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), ctx))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
-        return self.hook_resid_post(resid_mid + mlp_out)
+        resid_post = resid_mid + mlp_out
+        extra = ctx.deepstack.get(self.layer) if ctx.deepstack else None
+        if extra is not None and extra.shape[1] == resid_post.shape[1]:  # prefill: the prompt's visual positions
+            resid_post = resid_post + self.hook_deepstack(extra.to(resid_post.device, resid_post.dtype))
+        return self.hook_resid_post(resid_post)
