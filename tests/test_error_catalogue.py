@@ -42,6 +42,8 @@ from av_lens.analysis.pairs import JudgeReplyError
 from av_lens.media import load_audio, load_clip, load_video
 from av_lens.organism import world
 from av_lens.organism.evaluate import clip_inputs
+from av_lens.placement import plan_device_map
+from av_lens.sweeps import SweepError, gather, study_items
 from conftest import cases
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -186,6 +188,7 @@ CLI = {
     "cli-audio-without-video": lambda ctx: ["report", "--audio", str(ctx.files["tone"])],
     "cli-video-not-a-media-file": lambda ctx: ["report", "--video", str(ctx.files["notes"])],
     "cli-model-missing-folder": lambda ctx: ["demo", "--model", str(ctx.tmp / "no_such_model")],
+    "cli-sweep-window-outside-layers": lambda ctx: ["sweep", "--windows", "0-9", "--out", str(ctx.tmp / "sweep-out")],
 }
 
 
@@ -494,6 +497,15 @@ CASES: list[Case] = [
          InputError, ("unknown mode 'both'",), ("'av', 'video' or 'audio'",)),
     Case("organism-unknown-question", "analyses", lambda ctx: world.answer("smell", 0, 0),
          InputError, ("unknown question 'smell'",), ("'describe', 'hear', 'see'",)),
+    Case("placement-budgets-too-small", "inputs",
+         lambda ctx: plan_device_map(ctx.model, {"cuda:0": "1KiB", "cuda:1": "1KiB"}),
+         InputError, ("do not fit in the budgets", "cuda:0: 0.00 GiB"), ("add devices or raise their budgets",)),
+    Case("placement-unknown-part", "inputs",
+         lambda ctx: ctx.model.place({"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "blocks.7": "cpu"}),
+         InputError, ("the device map names parts this model does not have: ['blocks.7']",), ("'blocks.0'..'blocks.1'",)),
+    Case("sweep-rows-missing", "analyses",
+         lambda ctx: gather(ctx.tmp / "sweep-empty", study_items(1, [(0, 0)], conditions=("factual",), knockouts=())),
+         SweepError, ("lacks rows for 1 of 1 items: '0/factual/none'",), ("rerun the same sweep command",)),
     # ---- CLI (python -m av_lens.cli; exit status 2, message on stderr) -----------------------------------------
     Case("cli-audio-without-video", "cli", _cli("cli-audio-without-video"),
          CLIExit, ("av-lens report:", "--audio / --counterfactual-audio need a --video"), ("--video FILE",)),
@@ -501,6 +513,8 @@ CASES: list[Case] = [
          CLIExit, ("cannot decode video file", "notes.mp4"), ("FFmpeg can read",)),
     Case("cli-model-missing-folder", "cli", _cli("cli-model-missing-folder"),
          CLIExit, ("av-lens demo:", "no checkpoint folder at", "no_such_model"), ("existing local folder",)),
+    Case("cli-sweep-window-outside-layers", "cli", _cli("cli-sweep-window-outside-layers"),
+         CLIExit, ("av-lens sweep:", "the window '0-9' is outside the model's layers 0..3"), ("windows within 0-3",)),
 ]
 
 
