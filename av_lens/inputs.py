@@ -42,6 +42,9 @@ class AVInput:
     use_audio_in_video: bool = False
     #: precomputed encoder outputs by kind ("audio", "image", "video"): [n_tokens, d_model]
     encoder_outputs: Mapping[str, Tensor] = field(default_factory=dict)
+    #: model-specific processor outputs the towers need beside the fields above (Phi-4-multimodal: image_sizes,
+    #: image_attention_mask, audio_embed_sizes, audio_attention_mask); moved with the input
+    extra: Mapping[str, Tensor] = field(default_factory=dict)
 
     # --- tensor-like surface that TransformerLens reads ---------------------------------------------
     @property
@@ -120,6 +123,7 @@ class AVInput:
         kw = {f.name: getattr(self, f.name).to(device) for f in fields(self)
               if f.name in _TENSOR_FIELDS and getattr(self, f.name) is not None}
         kw["encoder_outputs"] = {k: v.to(device) for k, v in self.encoder_outputs.items()}
+        kw["extra"] = {k: v.to(device) for k, v in self.extra.items()}
         return replace(self, **kw)
 
     def extend(self, tokens: Int[Tensor, "batch new"]) -> "AVInput":
@@ -152,4 +156,6 @@ class AVInput:
         return kw
 
     def media_tensors(self) -> dict[str, Tensor]:
-        return {k: getattr(self, k) for k in _TENSOR_FIELDS[2:] if getattr(self, k) is not None}
+        out = {k: getattr(self, k) for k in _TENSOR_FIELDS[2:] if getattr(self, k) is not None}
+        out.update(self.extra)
+        return out

@@ -80,11 +80,18 @@ class MediaSpec:
     #: position rules: "qwen2_5_omni" (TMRoPE: text after a vision block resumes at the block's largest position
     #: + 1, time in units of 1/``position_id_per_seconds`` s) or "qwen2_5_vl" (M-RoPE of the base VLM: text
     #: resumes at the block's start + max(h, w) merged patches; video time in units of
-    #: 1/``position_id_per_seconds`` = 1/tokens_per_second s; images at t = start)
+    #: 1/``position_id_per_seconds`` = 1/tokens_per_second s; images at t = start) or "1d" (Phi-4-multimodal:
+    #: every real token, text, image or audio, advances the one position axis by one; pads sit at 0)
     rope_rules: str = "qwen2_5_omni"
 
     #: > 0 (Qwen3-Omni): audio is encoded in chunks of 2 * audio_n_window mel frames, 13 tokens per full chunk
     audio_n_window: int = 0
+    #: rope_rules "1d" (Phi-4-multimodal): media are runs of their placeholder token without start/end markers;
+    #: each item's token count in processor order across the batch (adjacent items of a kind share one run)
+    image_token_counts: tuple[int, ...] = ()
+    audio_token_counts: tuple[int, ...] = ()
+    #: rope_rules "1d": seconds per audio token (its time stamp is k * audio_token_seconds; 0: no times)
+    audio_token_seconds: float = 0.0
 
     @staticmethod
     def audio_tokens(n_mel_frames: int, n_window: int = 0) -> int:
@@ -393,12 +400,43 @@ class _SampleBuilder:
         self.next_pos = last_max + 3
         return j + 2
 
+    def _run_1d(self, i: int) -> int:
+        """A run of image or audio placeholder tokens (rope_rules "1d"): split into items by their token counts;
+        positions simply continue."""
+        t = int(self.ids[i])
+        kind, modality = ("image", Modality.IMAGE) if t == self.tok.image else ("audio", Modality.AUDIO)
+        counts = self.media.image_token_counts if kind == "image" else self.media.audio_token_counts
+        run = 0
+        while i + run < len(self.ids) and self.ids[i + run] == t:
+            run += 1
+        j = i
+        while j < i + run:
+            g, n = self._take(kind, counts, kind)
+            if n <= 0 or j + n > i + run:
+                raise LayoutError(f"sample {self.sample}: {kind} item {g} needs {n} placeholder tokens but the run at "
+                                  f"index {i} has {i + run - j} left",
+                                  "build inputs with `model.prepare(...)` (the processor expands each placeholder to "
+                                  "the right count), or pass the media that the text was expanded for")
+            sec = self.media.audio_token_seconds if kind == "audio" else 0.0
+            local = self._new_item(modality, g, n, duration_s=n * sec if sec else None)
+            sl = slice(j, j + n)
+            self.mod[sl] = int(modality)
+            self.item[sl] = local
+            if sec:
+                self.time[sl] = np.arange(n) * sec
+            self.pos[:, sl] = self.next_pos + np.arange(n)
+            self.next_pos += n
+            j += n
+        return j
+
     def run(self):
         ids, tok, i = self.ids, self.tok, 0
         while i < len(ids):
             t = int(ids[i])
             nxt = int(ids[i + 1]) if i + 1 < len(ids) else None
-            if t == tok.audio_bos and nxt == tok.audio:
+            if self.media.rope_rules == "1d" and t in (tok.image, tok.audio) and t >= 0:
+                i = self._run_1d(i)
+            elif t == tok.audio_bos and nxt == tok.audio:
                 i = self._audio_block(i)
             elif t == tok.vision_bos and nxt == tok.image:
                 i = self._image_block(i)
@@ -444,6 +482,8 @@ def build_layout(
     time = np.full((B, T), np.nan, dtype=np.float64)
     if media.float_positions:  # Qwen3-Omni: float positions, pads at 0
         pos, deltas = np.zeros((3, B, T), dtype=np.float64), np.zeros((B, 1), dtype=np.float64)
+    elif media.rope_rules == "1d":  # pads at 0, as transformers' generate (attention_mask.cumsum - 1, pads 0)
+        pos, deltas = np.zeros((3, B, T), dtype=np.int64), np.zeros((B, 1), dtype=np.int64)
     else:
         pos = np.ones((3, B, T), dtype=np.int64)  # pads keep position 1, as the reference does
         deltas = np.zeros((B, 1), dtype=np.int64)
@@ -457,7 +497,10 @@ def build_layout(
         n_real = int(real.sum())
         deltas[b, 0] = (sb.pos.max() + 1 - n_real) if n_real else 0
         items.extend(sb.items)
-    for key, seq in (("audio", media.audio_lengths), ("image", media.image_grid_thw), ("video", media.video_grid_thw)):
+    one_d = media.rope_rules == "1d"
+    for key, seq in (("audio", media.audio_token_counts if one_d else media.audio_lengths),
+                     ("image", media.image_token_counts if one_d else media.image_grid_thw),
+                     ("video", media.video_grid_thw)):
         if counters[key] != len(seq):
             raise LayoutError(f"{len(seq)} {key} input(s) given but the text has {counters[key]} {key} placeholder "
                               f"block(s)", f"add one placeholder block per {key} input, or drop the extra {key}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,9 @@ import torch
 from av_lens.adapters import adapter_for
 from av_lens.errors import CheckpointError
 from av_lens.registry import find_spec, get_spec
+
+#: a weight-map value "key[a:b]" names rows a..b-1 (first dimension) of the checkpoint tensor "key"
+_ROW_SLICE = re.compile(r"(.+)\[(\d+):(\d+)\]")
 
 #: names of checkpoints shipped inside the package -> function returning their folder
 BUILTIN_CHECKPOINTS: dict[str, Callable[[], Path]] = {}
@@ -177,10 +181,14 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
     by_ckpt: dict[str, str] = {}
     rows_of: dict[str, tuple[str, int]] = {}  # checkpoint key -> (stacked parameter, expert row)
     rows_needed: dict[str, set[int]] = {}
+    sliced: dict[str, list[tuple[str, int, int]]] = {}  # checkpoint key -> [(parameter, first row, stop row)]
     targets: dict[str, torch.Tensor] = {}
     for ours, theirs in expected.items():
         targets[ours] = model.get_parameter(ours)
-        if "{e}" in theirs:  # one checkpoint tensor per expert, stacked into one parameter here
+        m = _ROW_SLICE.fullmatch(theirs)
+        if m:  # "key[a:b]": rows a..b-1 of a fused checkpoint tensor (q/k/v of a qkv_proj, gate/up of a gate_up_proj)
+            sliced.setdefault(m.group(1), []).append((ours, int(m.group(2)), int(m.group(3))))
+        elif "{e}" in theirs:  # one checkpoint tensor per expert, stacked into one parameter here
             rows_needed[ours] = set(range(targets[ours].shape[0]))
             for e in rows_needed[ours]:
                 rows_of[theirs.format(e=e)] = (ours, e)
@@ -204,17 +212,26 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
                     continue
                 if k == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
+                if k in sliced:
+                    src = _read(handle, key, f)
+                    for ours, a, b in sliced[k]:
+                        dst = targets[ours]
+                        if src.shape[0] < b or tuple(src[a:b].shape) != tuple(dst.shape):
+                            raise CheckpointError(f"tensor {key!r} has shape {tuple(src.shape)}, so its rows {a}:{b} "
+                                                  f"cannot fill {ours} of shape {tuple(dst.shape)}",
+                                                  "config.json and the weights belong to different models")
+                        with torch.no_grad():
+                            dst.copy_(src[a:b])
+                        loaded.add(ours)
+                    del src
+                    continue
                 ours, row = by_ckpt.get(k), None
                 if ours is None and k in rows_of:
                     ours, row = rows_of[k]
                 if ours is None:
                     unexpected.append(key)
                     continue
-                try:
-                    src = handle.get_tensor(key)
-                except Exception as e:  # noqa: BLE001
-                    raise CheckpointError(f"cannot read tensor {key!r} from {f.name}: {e}",
-                                          "the file is truncated or corrupt; download it again") from e
+                src = _read(handle, key, f)
                 dst = targets[ours] if row is None else targets[ours][row]
                 if tuple(src.shape) != tuple(dst.shape):
                     raise CheckpointError(f"tensor {key!r} has shape {tuple(src.shape)} but the config implies "
@@ -232,6 +249,7 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
     if missing:
         as_named = {ours: ckpt for ckpt, ours in by_ckpt.items()}  # name them as the checkpoint would
         as_named.update({ours: ckpt for ckpt, (ours, e) in rows_of.items() if e in rows_needed.get(ours, ())})
+        as_named.update({ours: f"{ckpt}[{a}:{b}]" for ckpt, parts in sliced.items() for ours, a, b in parts})
         raise CheckpointError(
             f"{folder} lacks {len(missing)} tensors the model needs (e.g. {[as_named.get(m, m) for m in missing[:3]]})",
             "the checkpoint is truncated or of another model; download it again or pick the matching folder",
@@ -241,6 +259,14 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
             f"{folder} has {len(unexpected)} tensors this {adapter.name} model does not use (e.g. {unexpected[:3]})",
             "check that config.json belongs to these weights",
         )
+
+
+def _read(handle, key: str, f: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read tensor {key!r} from {f.name}: {e}",
+                              "the file is truncated or corrupt; download it again") from e
 
 
 def _non_weight_entries(model, adapter) -> set[str]:

@@ -185,6 +185,8 @@ class HookedAVTransformer(HookedRootModule):
             return x
         if isinstance(x, (str, list)) and (isinstance(x, str) or all(isinstance(s, str) for s in x)):
             return self.prepare(x, chat=False)
+        if isinstance(x, Mapping) and self.adapter.input_from_processor is not None:
+            return self.adapter.input_from_processor(self, x).to(self.device)
         if isinstance(x, Mapping):
             return AVInput.from_processor_output(
                 x, self.cfg.tokens, use_audio_in_video=bool(use_audio_in_video),

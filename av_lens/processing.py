@@ -170,6 +170,11 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
         system_prompt: "default" uses the model's documented system prompt (if its YAML has one); None for none.
         processor_output: instead of media, the dict a Qwen2.5-Omni processor already returned.
     """
+    if model.adapter.prepare is not None:  # a processor family of its own (Phi-4-multimodal)
+        return model.adapter.prepare(model, text, audio=audio, images=images, videos=videos, video_audio=video_audio,
+                                     use_audio_in_video=use_audio_in_video, fps=fps, chat=chat,
+                                     system_prompt=system_prompt, processor_output=processor_output,
+                                     processor_kwargs=processor_kwargs)
     cfg = model.cfg
     if use_audio_in_video is None:
         use_audio_in_video = video_audio is not None

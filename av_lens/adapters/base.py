@@ -29,7 +29,8 @@ class Adapter:
     model_types: tuple[str, ...]
     #: av_lens parameter name -> checkpoint key, once per model
     global_map: dict[str, str]
-    #: av_lens parameter name -> checkpoint key, per layer; "{l}" is the layer index
+    #: av_lens parameter name -> checkpoint key, per layer; "{l}" is the layer index. A key ending in "[a:b]"
+    #: names rows a..b-1 of a fused checkpoint tensor (e.g. the q rows of a qkv_proj)
     layer_map: dict[str, str]
     #: encoder attribute on the model -> checkpoint key prefix (loaded as the tower's own state dict)
     towers: dict[str, str]
@@ -51,6 +52,11 @@ class Adapter:
     #: (AVConfig, layer) -> extra per-layer entries, for layers that differ (dense vs mixture-of-experts MLPs).
     #: A checkpoint key holding "{e}" is one expert's slice of a stacked [n_experts, ...] parameter.
     layer_extra: Callable[[Any, int], dict[str, str]] | None = None
+    #: (model, text, **kwargs) -> AVInput: the model's own ``prepare`` when its processor differs from the Qwen
+    #: family's (None: :func:`av_lens.processing.prepare`'s Qwen path)
+    prepare: Callable[..., Any] | None = None
+    #: (model, processor output dict) -> AVInput, for processors whose outputs are not Qwen-shaped
+    input_from_processor: Callable[[Any, Any], Any] | None = None
 
     def expected_keys(self, n_layers: int, tied: bool, cfg: Any = None) -> dict[str, str]:
         """av_lens parameter name -> checkpoint key (prefix-stripped) for the backbone."""

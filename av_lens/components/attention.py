@@ -9,7 +9,8 @@ Hook points, in forward order (TransformerLens names and shapes):
 
 * ``hook_q`` [batch, pos, head_index, d_head], ``hook_k`` / ``hook_v`` [batch, pos, kv_head, d_head]
 * ``q_norm.*`` / ``k_norm.*`` — with ``cfg.qk_norm`` (Qwen3), the per-head RMSNorm of q and k
-* ``hook_rot_q`` / ``hook_rot_k`` — after the rotary embedding
+* ``hook_rot_q`` / ``hook_rot_k`` — after the rotary embedding (with ``cfg.rotary_dim < d_head``, as in Phi-4,
+  only the first ``rotary_dim`` dims of each head rotate; the rest pass through)
 * ``hook_attn_mask`` [batch, 1, query_pos, key_pos] — the additive mask (0 or the dtype's minimum) this
   layer's attention will use (causal + padding). Only materialised while hooked; a hook returns an edited
   copy to cut edges (attention knockout). The fused kernel then still runs with the unedited mask, and
@@ -185,7 +186,12 @@ class Attention(nn.Module):
         v = self.hook_v(self.v_proj(x).view(B, P, nkv, dh))
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_pos_emb(q, k, ctx.cos, ctx.sin, unsqueeze_dim=2)
+        if self.cfg.rotary_dim < dh:  # partial rotary (Phi-3/4): only the first rotary_dim dims of each head rotate
+            r = self.cfg.rotary_dim
+            q_rot, k_rot = apply_rotary_pos_emb(q[..., :r], k[..., :r], ctx.cos, ctx.sin, unsqueeze_dim=2)
+            q, k = torch.cat([q_rot, q[..., r:]], dim=-1), torch.cat([k_rot, k[..., r:]], dim=-1)
+        else:
+            q, k = apply_rotary_pos_emb(q, k, ctx.cos, ctx.sin, unsqueeze_dim=2)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
         if ctx.cache is not None:

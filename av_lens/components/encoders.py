@@ -36,14 +36,16 @@ class EncoderHooks(nn.Module):
         self.blocks = nn.ModuleList([_LayerHook() for _ in range(n_layers)])
         self.hook_out = HookPoint()
 
-    def run(self, layers: Sequence[nn.Module], call: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        """Run ``call(hook_in(x))`` with each of ``layers``' outputs routed through its hook point."""
+    def run(self, layers: Sequence[nn.Module], call: Callable[[Tensor], Tensor], x: Tensor, prepend: bool = False) -> Tensor:
+        """Run ``call(hook_in(x))`` with each of ``layers``' outputs routed through its hook point. ``prepend``
+        runs the routing before the tower's own forward hooks (towers whose output is a hidden state that
+        transformers records by a forward hook, as Phi-4-multimodal's SigLIP does, must see the edited value)."""
         x = self.hook_in(x)
         handles = []
         try:
             for layer, lh in zip(layers, self.blocks):
                 if lh.hook_out.has_hooks():
-                    handles.append(layer.register_forward_hook(_route(lh.hook_out)))
+                    handles.append(layer.register_forward_hook(_route(lh.hook_out), prepend=prepend))
             out = call(x)
         finally:
             for h in handles:

@@ -1,0 +1,150 @@
+"""Tiny random-weight Phi-4-multimodal checkpoints, built offline from transformers' own classes.
+
+    folder = save_tiny_phi4(tmp_path / "phi4", TinyPhi4Spec(), lora={"vision": 4, "speech": 6})
+    model = HookedAVTransformer.from_pretrained(folder)
+
+The tokenizer is a small byte-level BPE whose first ids are Phi-4's chat markers and the ``<|image|>`` /
+``<|audio|>`` placeholders; the processor is the native ``Phi4MultimodalProcessor`` (its image processor
+works in 448 x 448 crops whatever the vision config says, so the tiny SigLIP keeps 448 / 14 geometry). With
+``lora=``, random PEFT-format LoRA adapters (``{name}-lora/adapter_config.json`` + ``adapter_model.safetensors``,
+keys ``base_model.model.model.layers.{l}.<module>.lora_A.weight``) are written beside the weights, as the real
+checkpoint ships its vision and speech adapters. Nothing here means anything; it has the real architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PHI4_SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|image|>", "<|audio|>"]
+LORA_MODULES = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class TinyPhi4Spec:
+    """Shape of a tiny Phi-4-multimodal: 2 layers of width 64, 4 heads of 16 (GQA 2:1), rotary on 12 of 16 dims."""
+
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_mlp: int = 128
+    partial_rotary_factor: float = 0.75
+    longrope: bool = True  # random short/long factors, as the real config's rope_scaling
+    original_max_position: int = 4096  # below a prompt's length, the long factors apply
+    tie: bool = False
+    vocab_size: int = 400
+    seed: int = 0
+
+
+def build_tiny_tokenizer(vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from av_lens.testing.tiny import _CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=PHI4_SPECIAL_TOKENS + ["<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|endoftext|>",
+                                   eos_token="<|end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens={"image_token": "<|image|>", "audio_token": "<|audio|>"})
+
+
+def tiny_phi4_config(spec: TinyPhi4Spec, tokenizer):
+    from transformers import Phi4MultimodalConfig
+
+    tid = tokenizer.convert_tokens_to_ids
+    head_dim = spec.d_model // spec.n_heads
+    half = int(head_dim * spec.partial_rotary_factor) // 2
+    g = torch.Generator().manual_seed(spec.seed + 7)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": spec.partial_rotary_factor}
+    if spec.longrope:
+        rope.update(rope_type="longrope", short_factor=(1 + torch.rand(half, generator=g)).tolist(),
+                    long_factor=(2 + 4 * torch.rand(half, generator=g)).tolist())
+    return Phi4MultimodalConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.d_model, intermediate_size=spec.d_mlp,
+        num_hidden_layers=spec.n_layers, num_attention_heads=spec.n_heads, num_key_value_heads=spec.n_kv_heads,
+        max_position_embeddings=4 * max(spec.original_max_position, 1024),
+        original_max_position_embeddings=spec.original_max_position, rope_parameters=rope,
+        tie_word_embeddings=spec.tie,
+        bos_token_id=tid("<|endoftext|>"), eos_token_id=[tid("<|end|>")], pad_token_id=tid("<|endoftext|>"),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                           image_size=448, patch_size=14, crop_size=448, feature_layer=-2,
+                           image_token_id=tid("<|image|>")),
+        audio_config=dict(hidden_size=32, intermediate_size=64, num_blocks=2, num_attention_heads=2,
+                          ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=32,
+                          input_size=80, time_reduction=8, audio_token_id=tid("<|audio|>")),
+    )
+
+
+def _perturb(model, seed: int) -> None:
+    """Random init leaves norms at one, biases and the image separators at zero; perturb them."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "extensor" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def build_tiny_processor(tokenizer):
+    from transformers import Phi4MultimodalFeatureExtractor, Phi4MultimodalImageProcessor, Phi4MultimodalProcessor
+
+    ip = Phi4MultimodalImageProcessor(size={"height": 448, "width": 448}, patch_size=14, dynamic_hd=4)
+    return Phi4MultimodalProcessor(image_processor=ip, audio_processor=Phi4MultimodalFeatureExtractor(),
+                                   tokenizer=tokenizer)
+
+
+def build_tiny_hf_phi4(spec: TinyPhi4Spec = TinyPhi4Spec()):
+    """(transformers ``Phi4MultimodalForCausalLM``, tokenizer, processor) with random weights from ``spec.seed``."""
+    from transformers import Phi4MultimodalForCausalLM
+
+    tok = build_tiny_tokenizer(spec.vocab_size)
+    cfg = tiny_phi4_config(spec, tok)
+    torch.manual_seed(spec.seed)
+    model = Phi4MultimodalForCausalLM(cfg).eval()
+    _perturb(model, spec.seed)
+    return model, tok, build_tiny_processor(tok)
+
+
+def write_tiny_lora(folder: str | os.PathLike, model, r: int, alpha: float, seed: int = 0,
+                    modules: tuple[str, ...] = LORA_MODULES) -> Path:
+    """A random PEFT-format LoRA adapter on the decoder's fused projections (B non-zero, unlike PEFT's init)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for l, layer in enumerate(model.model.layers):
+        for mod in modules:
+            lin = layer.get_submodule(mod)
+            key = f"base_model.model.model.layers.{l}.{mod}"
+            tensors[f"{key}.lora_A.weight"] = 0.2 * torch.randn(r, lin.in_features, generator=g)
+            tensors[f"{key}.lora_B.weight"] = 0.2 * torch.randn(lin.out_features, r, generator=g)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": [m.split(".")[-1] for m in modules], "task_type": "CAUSAL_LM",
+    }, indent=1))
+    return folder
+
+
+def save_tiny_phi4(folder: str | os.PathLike, spec: TinyPhi4Spec = TinyPhi4Spec(),
+                   lora: dict[str, int] | None = None) -> Path:
+    """Build a tiny Phi-4-multimodal and write it as a checkpoint folder (safetensors, tokenizer, processor),
+    with a random LoRA adapter ``{name}-lora/`` of rank r for each ``name: r`` in ``lora`` (alpha = 2 r)."""
+    folder = Path(folder)
+    model, tok, proc = build_tiny_hf_phi4(spec)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    for i, (name, r) in enumerate((lora or {}).items()):
+        write_tiny_lora(folder / f"{name}-lora", model, r, 2.0 * r, seed=spec.seed + 100 + i)
+    return folder
