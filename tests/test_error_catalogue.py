@@ -607,6 +607,8 @@ def test_docs_list_every_case():
             assert frag in problem, f"{i}: docs/errors.md's problem cell lacks {frag!r}"
         for frag in case.fix:
             assert frag in fix, f"{i}: docs/errors.md's fix cell lacks {frag!r}"
+    readme = (DOCS.parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"({len(CASES)} bad inputs" in readme, f"README.md should say the catalogue has {len(CASES)} bad inputs"
 
 
 # ------------------------------------------------------------------------------------- nothing half-written
