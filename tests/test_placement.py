@@ -129,6 +129,40 @@ def test_plan_32b_class_model_on_meta(meta32b, budgets):
     check_plan(meta32b, budgets, P.plan_device_map(meta32b, budgets))
 
 
+@pytest.fixture(scope="module")
+def meta30b_moe():
+    """The Qwen3-Omni-30B-A3B thinker on the meta device: 48 MoE layers of 128 experts (the published sizes)."""
+    from transformers import Qwen3OmniMoeThinkerConfig
+
+    tc = Qwen3OmniMoeThinkerConfig(
+        text_config=dict(vocab_size=152064, hidden_size=2048, intermediate_size=768, num_hidden_layers=48,
+                         num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
+                         num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[],
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [24, 20, 20],
+                                          "interleaved": True}),
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
+                           deepstack_visual_indexes=[8, 16, 24]),
+        audio_config=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+                          output_dim=2048),
+        audio_token_id=151675, image_token_id=151655, video_token_id=151656, audio_start_token_id=151669,
+        audio_end_token_id=151670, vision_start_token_id=151652, vision_end_token_id=151653, position_id_per_seconds=13,
+    )
+    return P.meta_model(tc, dtype="bf16")
+
+
+@pytest.mark.parametrize("budgets", [
+    {"cuda:0": "40GiB", "cuda:1": "40GiB"},
+    {f"cuda:{i}": "20GiB" for i in range(4)},
+])
+def test_plan_qwen3_omni_30b_moe_on_meta(meta30b_moe, budgets):
+    m = meta30b_moe
+    assert m.cfg.moe_layers == tuple(range(48)) and m.cfg.n_experts == 128 and m.cfg.n_deepstack == 3
+    total = sum(_items(m))
+    assert 28e9 < total / 2 < 34e9  # ~30 B parameters (all experts), in bf16
+    loads = check_plan(m, budgets, P.plan_device_map(m, budgets))
+    assert len(loads) == len(budgets)
+
+
 def test_plan_refuses_budgets_that_cannot_hold_the_model(meta7b):
     with pytest.raises(InputError, match="do not fit.*Fix: add devices"):
         P.plan_device_map(meta7b, {"cuda:0": "8GiB", "cuda:1": "8GiB"})
