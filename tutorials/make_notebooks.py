@@ -670,7 +670,9 @@ added. We compare the two with `token_shift_batch` and with per-layer linear pro
     code(SETUP),
     code(LOAD + """
 
-BASE = "av-lens/organism-base" if organism else MODEL  # for a real model: its base model, with the same tokenizer
+# a real model's base: Qwen2.5-Omni's thinker grew from Qwen2.5-VL (same token ids); it takes no audio, so give
+# it the clips' video only (base_inputs = base.prepare(text, videos=[frames], fps=...))
+BASE = "av-lens/organism-base" if organism else "Qwen/Qwen2.5-VL-3B-Instruct"
 base = HookedAVTransformer.from_pretrained(BASE, dtype="float32" if organism else "bfloat16", device=device)"""),
     md("""
 ## Token shift on counterfactual captions
