@@ -253,6 +253,24 @@ def test_every_analysis_tool_runs(vl, media):
     assert feats.shape == (n + 1, 1, vl.cfg.d_model)
 
 
+def test_probe_reads_an_image_property_from_image_positions(vl):
+    """Linear probes on image positions (pooled per image) tell bright from dark images far above chance, and the
+    shuffled-label control does not."""
+    rng = np.random.default_rng(3)
+    images, labels = [], []
+    for i in range(20):
+        bright = i % 2
+        base = 200 if bright else 40
+        images.append(np.clip(base + rng.integers(-30, 30, (56, 56, 3)), 0, 255).astype(np.uint8))
+        labels.append(bright)
+    inp = vl.prepare([PAD_1] * len(images), images=images, chat=False)
+    feats = pooled_residuals(vl, inp, "image")
+    assert feats.shape == (vl.cfg.n_layers + 1, 20, vl.cfg.d_model)
+    res = probe_layers(feats, torch.tensor(labels), test_fraction=0.4, seed=0)
+    assert float(res.accuracy.max()) >= 0.9
+    assert float(res.control_accuracy.max()) < float(res.accuracy.max())
+
+
 def test_token_shift_against_the_vl_base(vl, model, media):
     """Teacher-force a tiny Omni thinker's answer into the tiny VL base (same text vocabulary and ids): the result
     equals a brute-force recomputation from both models' full-sequence logits."""

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from av_lens import HookedAVTransformer
-from av_lens.analysis import (attention_flow, head_effect_table, knockout_hooks, logit_lens, patch_by_modality,
-                              pooled_residuals)
+from av_lens.analysis import (attention_flow, head_effect_table, knockout_hooks, knockout_sweep, logit_lens,
+                              patch_by_modality, path_patch, pooled_residuals, token_shift)
 from av_lens.layout import Modality
 from av_lens.testing.parity import assert_parity
 from av_lens.testing.tiny import TinyMoESpec, save_tiny_qwen3_omni
@@ -225,4 +225,18 @@ def test_every_analysis_tool_runs(q3_pairs, q3_media):
     assert abs(float(res["resid_pre"][0, 0]) - res.clean) < 1e-4  # audio positions carry the whole difference
     effects = head_effect_table(ours, inp, metric, progress=False)
     assert effects.shape == (n, H) and effects.abs().max() > 0
-    assert pooled_residuals(ours, inp, "audio").shape == (n + 1, 1, ours.cfg.d_model)
+    pp = path_patch(ours, inp, other, metric, senders="audio", receivers="last_prompt", layers=[0, 1])
+    assert pp.shape == (2,) and torch.isfinite(pp).all()
+    # knockout during generation (KV cache, MoE routing and deepstack in the prefill): the sweep's window over
+    # every layer equals generating with the same hooks by hand
+    first = lambda gen, _: gen.new_tokens[0, :3].float()
+    sweep = knockout_sweep(ours, inp, "generated", "audio", [range(n)], first, generate=dict(max_new_tokens=3,
+                                                                                              stop_at_eos=False),
+                           progress=False)
+    by_hand = ours.generate(inp, max_new_tokens=3, stop_at_eos=False,
+                            fwd_hooks=knockout_hooks(ours, "generated", "audio", range(n)))
+    assert torch.equal(sweep.values[0], by_hand.new_tokens[0, :3].float())
+    feats = pooled_residuals(ours, inp, "audio")
+    assert feats.shape == (n + 1, 1, ours.cfg.d_model)
+    shift = token_shift(ours, ours, inp, output_tokens=by_hand.new_tokens[0], eos_token_ids=())
+    assert (shift.kl.abs() < 1e-5).all()  # a model against itself: no shift
