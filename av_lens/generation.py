@@ -80,7 +80,8 @@ def generate(model, inputs: AVInput, max_new_tokens: int = 32, *, do_sample: boo
 
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         with model.running(layout, 0, layout.shape[1], cache):
-            logits = model.run_backbone(model.embed_input(inp), layout.position_ids.to(dev), key_mask, cache=cache)
+            logits = model.run_backbone(model.embed_input(inp), layout.position_ids.to(dev), key_mask, cache=cache,
+                                        input_ids=inp.input_ids.to(dev))
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generate"):
             last = logits[:, -1].to(dev)  # a placed model's logits come out on the last device
             if return_logits:
@@ -96,7 +97,7 @@ def generate(model, inputs: AVInput, max_new_tokens: int = 32, *, do_sample: boo
             key_mask = torch.cat([key_mask, torch.ones(B, 1, dtype=key_mask.dtype, device=dev)], 1)
             with model.running(layout, layout.shape[1] - 1, 1, cache):
                 logits = model.run_backbone(model.embed(tok[:, None]), layout.position_ids[:, :, -1:].to(dev),
-                                            key_mask, cache=cache)
+                                            key_mask, cache=cache, input_ids=tok[:, None])
     new = torch.stack(new_tokens, dim=1)
     text = [model.tokenizer.decode(t, skip_special_tokens=True) for t in new.cpu()] if model.tokenizer else None
     return Generation(sequences=torch.cat([inp.input_ids, new], 1), new_tokens=new, text=text, layout=layout,

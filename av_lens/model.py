@@ -100,12 +100,16 @@ class HookedAVTransformer(HookedRootModule):
         super().__init__()
         self.cfg, self.adapter, self.hf_config = cfg, adapter, hf_config
         self.tokenizer, self.processor = tokenizer, processor
-        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        parts = adapter.backbone(cfg, hf_config) if adapter.backbone is not None else {}
+        self.embed = parts["embed"] if "embed" in parts else Embed(cfg.d_vocab, cfg.d_model)
         self.hook_audio_embed = HookPoint()  # [n_audio_tokens, d_model]: audio tower output entering the stream
         self.hook_image_embed = HookPoint()  # [n_image_tokens, d_model]
         self.hook_video_embed = HookPoint()  # [n_video_tokens, d_model]
         self.hook_embed = HookPoint()  # [batch, pos, d_model]: merged embeddings = resid_pre of layer 0
-        self.blocks = nn.ModuleList([TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)])
+        make_block = parts.get("block", lambda layer: TransformerBlock(cfg, layer))
+        self.blocks = nn.ModuleList([make_block(layer) for layer in range(cfg.n_layers)])
+        #: Gemma-3n: the AltUp streams around the blocks, per-layer inputs and logit soft-capping (None: Qwen2 shape)
+        self.stream = parts.get("stream")
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab_out, tied_to=self.embed if cfg.tie_word_embeddings else None)
         for name, tower in adapter.build_towers(hf_config).items():
@@ -170,6 +174,9 @@ class HookedAVTransformer(HookedRootModule):
         and analyses keep working; see :mod:`av_lens.placement` (and ``plan_device_map`` to compute a map)."""
         from av_lens.placement import apply_device_map
 
+        if self.stream is not None:
+            raise InputError(f"{self.cfg.original_architecture} cannot be spread over devices yet (its AltUp state "
+                             "and per-layer inputs are not routed between devices)", "load it on one device")
         return apply_device_map(self, device_map)
 
     # ------------------------------------------------------------------------------------------- inputs
@@ -307,12 +314,15 @@ class HookedAVTransformer(HookedRootModule):
 
     def run_backbone(self, resid: Float[Tensor, "batch pos d_model"], position_ids: Int[Tensor, "3 batch pos"],
                      key_mask: Int[Tensor, "batch key_pos"], cache: KVCache | None = None,
-                     stop_at_layer: int | None = None) -> Tensor:
-        """The decoder stack on merged embeddings: hook_embed, the blocks, the final norm and unembedding."""
+                     stop_at_layer: int | None = None, input_ids: Tensor | None = None) -> Tensor:
+        """The decoder stack on merged embeddings: hook_embed, the blocks, the final norm and unembedding.
+        ``input_ids`` (the tokens of these positions) are needed by models with per-layer token inputs (Gemma-3n)."""
         resid = self.hook_embed(resid)
         cos, sin = self._rotary_tables(resid, position_ids)
         ctx = AttnContext(cos=cos, sin=sin, mask=self._additive_mask(key_mask, resid.shape[1], resid.dtype), cache=cache,
                           deepstack=self.run_state.deepstack if self.run_state is not None else None)
+        if self.stream is not None:
+            return self._run_streams(resid, position_ids, key_mask, ctx, stop_at_layer, input_ids)
         route = None
         if self.device_map is not None:  # placed on several devices: move the stream and ctx at boundaries
             from av_lens.placement import Route
@@ -329,6 +339,20 @@ class HookedAVTransformer(HookedRootModule):
             return self.unembed(route.enter("unembed", resid)[0])
         return self.unembed(self.ln_final(resid))
 
+    def _run_streams(self, resid: Tensor, position_ids: Tensor, key_mask: Tensor, ctx: AttnContext,
+                     stop_at_layer: int | None, input_ids: Tensor | None) -> Tensor:
+        """Gemma-3n: the blocks work on the AltUp state [batch, pos, n_streams, d_model] (``self.stream``); with
+        ``stop_at_layer`` the state entering that layer is returned."""
+        if input_ids is None:
+            raise InputError("this model adds per-layer token embeddings, so run_backbone needs input_ids",
+                             "pass input_ids= (the token ids of the positions in resid)")
+        state = self.stream.enter(self, resid, input_ids, position_ids, key_mask, ctx)
+        for block in self.blocks[:stop_at_layer]:
+            state = block(state, ctx)
+        if stop_at_layer is not None:
+            return state
+        return self.stream.cap(self.unembed(self.ln_final(self.stream.exit(state))))
+
     def forward(self, input: AVInput | Tensor | str | list[str] | Mapping,
                 return_type: Literal["logits", "loss", "both"] | None = "logits",
                 stop_at_layer: int | None = None, loss_per_token: bool = False):
@@ -343,7 +367,7 @@ class HookedAVTransformer(HookedRootModule):
         with self.running(inp.layout, 0, inp.input_ids.shape[1]):
             embeds = self.embed_input(inp)
             out = self.run_backbone(embeds, inp.layout.position_ids.to(dev), inp.attention_mask.to(dev),
-                                    stop_at_layer=stop_at_layer)
+                                    stop_at_layer=stop_at_layer, input_ids=inp.input_ids.to(dev))
         if stop_at_layer is not None or return_type == "logits":
             return out
         if return_type is None:

@@ -371,7 +371,7 @@ CASES: list[Case] = [
              _bare_folder(ctx, "custom", json.dumps({"model_type": "my_custom_avllm",
                                                      "auto_map": {"AutoModel": "modeling_custom.CustomAV"}}))),
          CheckpointError, ("holds a my_custom_avllm checkpoint", "not a supported audio-visual model"),
-         ("model_type is one of ['phi4_multimodal', 'qwen2_5_omni', 'qwen2_5_omni_thinker', 'qwen2_5_vl', 'qwen3_omni_moe', "
+         ("model_type is one of ['gemma3n', 'phi4_multimodal', 'qwen2_5_omni', 'qwen2_5_omni_thinker', 'qwen2_5_vl', 'qwen3_omni_moe', "
           "'qwen3_omni_moe_thinker']",)),
     Case("load-text-only-llm", "loading",
          lambda ctx: _load(

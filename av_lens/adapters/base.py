@@ -57,6 +57,10 @@ class Adapter:
     prepare: Callable[..., Any] | None = None
     #: (model, processor output dict) -> AVInput, for processors whose outputs are not Qwen-shaped
     input_from_processor: Callable[[Any, Any], Any] | None = None
+    #: (AVConfig, hf config) -> replacements for parts of the Qwen2-shaped backbone, for decoders of another shape
+    #: (Gemma-3n): {"embed": module, "block": fn(layer) -> module, "stream": module with enter/exit/cap}; a key left
+    #: out keeps the standard part (None: all standard)
+    backbone: Callable[[Any, Any], dict] | None = None
 
     def expected_keys(self, n_layers: int, tied: bool, cfg: Any = None) -> dict[str, str]:
         """av_lens parameter name -> checkpoint key (prefix-stripped) for the backbone."""

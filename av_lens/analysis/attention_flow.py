@@ -89,6 +89,10 @@ class AttentionFlow:
                  per_token: bool = False, layers=None, method: str = "rows", chunk: int = 128):
         if method not in ("rows", "pattern"):
             raise InputError(f"unknown attention-flow method {method!r}", "use method='rows' or 'pattern'")
+        if method == "rows" and model.cfg.extra.get("sliding_window"):
+            raise InputError(f"{model.cfg.original_architecture} has sliding-window and KV-shared layers, which the "
+                             "rows method (causal attention over each layer's own keys) does not reproduce",
+                             "use method='pattern'")
         self.model, self.query, self.per_token, self.method, self.chunk = model, query, per_token, method, chunk
         self.keys = dict(DEFAULT_GROUPS if keys is None else keys)
         if not self.keys:

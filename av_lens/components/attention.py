@@ -30,7 +30,7 @@ During KV-cached decoding, q/k/v hooks see the new positions only, and scores/pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import einops
 import torch
@@ -55,6 +55,7 @@ class AttnContext:
     force_explicit: bool = False
     causal: Tensor | None = None  # additive causal mask [q, k], built once per forward when a layer needs it
     deepstack: dict[int, Tensor] | None = None  # layer -> [batch, pos, d_model] added after that block (Qwen3)
+    extra: dict = field(default_factory=dict)  # what an adapter's own blocks need (Gemma-3n: per-type masks, ...)
 
     def causal_mask(self, P: int, K: int, dtype: torch.dtype, device) -> Tensor:
         """The additive causal mask (0 / dtype minimum) for P queries ending at key K, shared by all layers."""
