@@ -210,6 +210,8 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
                 k = adapter.strip(key)
                 if k is None or k.endswith("rotary_emb.inv_freq"):
                     continue
+                if adapter.unused_key is not None and adapter.unused_key(cfg, k):
+                    continue
                 if k == "lm_head.weight" and cfg.tie_word_embeddings:
                     continue
                 if k in sliced:

@@ -47,6 +47,9 @@ class Adapter:
     build_rotary: Callable[[Any], nn.Module] = None  # thinker config -> rotary module (positions -> cos, sin)
     encoder_layers: Callable[[nn.Module, str], list[nn.Module]] = None  # (tower, kind) -> its layers
     encode: dict[str, Callable] = field(default_factory=dict)  # kind -> fn(model, AVInput) -> [n_tok, d_model]
+    #: (AVConfig, prefix-stripped checkpoint key) -> True for a tensor the checkpoint holds but this model never
+    #: uses (e.g. Gemma-3n's k/v weights of layers that reuse another layer's keys and values); skipped on load
+    unused_key: Callable[[Any, str], bool] | None = None
     #: AVInput -> keyword arguments of the transformers reference model (None: ``AVInput.hf_kwargs()``)
     reference_kwargs: Callable[[Any], dict] | None = None
     #: (AVConfig, layer) -> extra per-layer entries, for layers that differ (dense vs mixture-of-experts MLPs).

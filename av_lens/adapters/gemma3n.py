@@ -317,28 +317,15 @@ class _GemmaAdapter(Adapter):
         return {k: v for k, v in keys.items()
                 if not (k.startswith("stream.altup_") and int(k.split(".")[2]) >= n - 1)}
 
-    def strip(self, key: str) -> str | None:
-        # published checkpoints keep k/v weights for the KV-shared layers, which never use them
-        k = super().strip(key)
-        if k is not None and self._shared_kv_key(k):
-            return None
-        return k
 
-    def _shared_kv_key(self, key: str) -> bool:
-        modes = _SHARED_MODES.get("modes")
-        if not modes or not key.startswith(_LM + "layers."):
-            return False
-        parts = key[len(_LM + "layers."):].split(".")
-        return (parts[0].isdigit() and int(parts[0]) < len(modes) and modes[int(parts[0])] == "reuse"
-                and parts[1] == "self_attn" and parts[2] in ("k_proj", "v_proj", "k_norm", "v_norm"))
-
-
-_SHARED_MODES: dict = {}
-
-
-def _thinker_config(hf):
-    _SHARED_MODES["modes"] = list(hf.text_config.kv_sharing_modes)  # for strip(), which sees keys only
-    return hf
+def _unused_key(cfg, key: str) -> bool:
+    """Published checkpoints keep k/v weights for the KV-shared layers, which never use them."""
+    modes = cfg.extra.get("kv_sharing_modes") if cfg is not None else None
+    if not modes or not key.startswith(_LM + "layers."):
+        return False
+    parts = key[len(_LM + "layers."):].split(".")
+    return (parts[0].isdigit() and int(parts[0]) < len(modes) and modes[int(parts[0])] == "reuse"
+            and parts[1] == "self_attn" and parts[2] in ("k_proj", "v_proj", "k_norm", "v_norm"))
 
 
 GEMMA3N = register(_GemmaAdapter(
@@ -348,7 +335,7 @@ GEMMA3N = register(_GemmaAdapter(
     layer_map=_LAYER,
     layer_extra=_layer_extra,
     towers={"audio_tower": "model.audio_tower.", "visual": "model.vision_tower."},
-    thinker_config=_thinker_config,
+    thinker_config=lambda hf: hf,
     to_av_config=_to_av_config,
     build_towers=_build_towers,
     build_rotary=_build_rotary,
@@ -358,4 +345,5 @@ GEMMA3N = register(_GemmaAdapter(
     prepare=prepare,
     input_from_processor=input_from_processor,
     backbone=_backbone,
+    unused_key=_unused_key,
 ))
