@@ -192,8 +192,10 @@ def interleave(fns: dict, a, warmup: int, label: str) -> dict[str, list[float]]:
             spent += t_round
             if r + 1 >= a.min_repeats and spent + spent / (r + 1) > a.cell_seconds:
                 break
+    times["_load"] = [round(x, 2) for x in os.getloadavg()]  # load average when the cell ended
     log(f"{label}: {len(times[names[0]])} rounds, " + ", ".join(f"{n} {statistics.median(v):.3f} s"
-                                                               for n, v in times.items()))
+                                                               for n, v in times.items() if n != "_load")
+        + f"; load {times['_load']}")
     return times
 
 
@@ -218,6 +220,13 @@ def time_row(name, ours, base, base_name, target=None, unit="s", tokens=None) ->
     return dict(row=name, kind="time", ours=vo, baseline=vb, unit=unit, baseline_name=base_name, ratio=r,
                 ratio_min=lo, ratio_max=hi, n=len(ratios), target=target, status=status(r, lo, hi, target),
                 ours_times=ours, baseline_times=base)
+
+
+def stamp(rows: list[dict], times: dict) -> list[dict]:
+    """Record on each row the load average at the end of the cell it was measured in."""
+    for r in rows:
+        r["load_at_end"] = times["_load"]
+    return rows
 
 
 def mem_row(name, ours: dict, base: dict, base_name, target=None) -> dict:
@@ -279,9 +288,9 @@ def section_backbone(ours, eager, sdpa, a) -> list[dict]:
                            a, warm, f"backbone {seq}x{batch}")
             warm = 0
             cell = f"{seq} x {batch}"
-            rows.append(time_row(f"forward {cell}, no hooks", t["ours"], t["hf_sdpa"], "HF sdpa", 1.05))
-            rows.append(time_row(f"forward {cell}, every hook_pattern hooked", t["ours_pattern"], t["hf_eager"],
-                                 "HF eager", 1.0))
+            rows += stamp([time_row(f"forward {cell}, no hooks", t["ours"], t["hf_sdpa"], "HF sdpa", 1.05),
+                           time_row(f"forward {cell}, every hook_pattern hooked", t["ours_pattern"], t["hf_eager"],
+                                    "HF eager", 1.0)], t)
     return rows
 
 
@@ -297,8 +306,9 @@ def section_cache(ours, a, inp) -> list[dict]:
     t = interleave({"plain": lambda: ours(enc), "one": lambda: ours.run_with_cache(enc, names_filter=mid),
                     "full": lambda: ours.run_with_cache(enc)}, a, a.warmup, "run_with_cache")
     T = inp.shape[1]
-    return [time_row(f"run_with_cache, one filtered hook, {T} tokens (time)", t["one"], t["plain"], "plain forward"),
-            time_row(f"run_with_cache, full cache, {T} tokens (time)", t["full"], t["plain"], "plain forward")]
+    return stamp([time_row(f"run_with_cache, one filtered hook, {T} tokens (time)", t["one"], t["plain"],
+                           "plain forward"),
+                  time_row(f"run_with_cache, full cache, {T} tokens (time)", t["full"], t["plain"], "plain forward")], t)
 
 
 def section_sweep(ours, a, inp) -> list[dict]:
@@ -317,8 +327,8 @@ def section_sweep(ours, a, inp) -> list[dict]:
 
     t = interleave({"sweep": lambda: knockout_sweep(ours, inp, "last_prompt", "video", windows, metric, progress=False),
                     "ideal": ideal}, a, a.warmup, "knockout sweep")
-    return [time_row(f"knockout sweep, {W} windows, last prompt token ↛ video, {inp.shape[1]} tokens", t["sweep"],
-                     t["ideal"], f"1 encoder + {W + 1} LM passes", 1.1)]
+    return stamp([time_row(f"knockout sweep, {W} windows, last prompt token ↛ video, {inp.shape[1]} tokens",
+                           t["sweep"], t["ideal"], f"1 encoder + {W + 1} LM passes", 1.1)], t)
 
 
 def section_generate(ours, sdpa, a, inp) -> list[dict]:
@@ -339,7 +349,7 @@ def section_generate(ours, sdpa, a, inp) -> list[dict]:
         rows.append(time_row(f"{what}, generated ↛ video in every layer", t["knockout"], t["hf"],
                              "HF sdpa generate", unit="tok/s", tokens=n))
         rows.append(time_row(f"{what}, no hooks", t["plain"], t["hf"], "HF sdpa generate", unit="tok/s", tokens=n))
-    return rows
+    return stamp(rows, t)
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -434,8 +444,8 @@ def table(facts, rows, par) -> str:
              f"- run: device {facts['device']}, {facts['dtype']}, torch threads {facts['threads']}, "
              f"dims {facts['dims']} ({lm['layers']} layers, d_model {lm['width']}, {lm['heads']} heads / {lm['kv']} kv, "
              f"d_mlp {lm['ffn']}, vocab {lm['vocab']}), random weights; timed rounds {facts['repeats']}",
-             f"- load average (1/5/15 min): before {facts['load_before']}, after {facts.get('load_after')}; "
-             f"wall time {facts.get('wall_s', 0):.0f} s"]
+             f"- load average (1/5/15 min): before {facts['load_before']}, after {facts.get('load_after')}; 1-min load "
+             f"at the end of the timed cells {facts.get('load_1min_at_cell_ends')}; wall time {facts.get('wall_s', 0):.0f} s"]
     if par:
         lines.append("- parity on a 64-token prompt, max |Δlogits|: " + ", ".join(
             f"{k} {v:.2g}" for k, v in par.items()))
@@ -505,6 +515,8 @@ def main(argv=None):
         if tmp is not None:
             tmp.cleanup()
     facts["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    seen = [r["load_at_end"][0] for r in rows if "load_at_end" in r]
+    facts["load_1min_at_cell_ends"] = f"{min(seen):.2f}-{max(seen):.2f}" if seen else None
     facts["wall_s"] = time.perf_counter() - t_start
     text = table(facts, rows, par)
     print(text)
