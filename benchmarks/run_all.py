@@ -150,7 +150,7 @@ def machine_facts(a) -> dict:
     facts = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                  cpu=cpu, cores=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)), ram_gb=mem_gb,
                  python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                 av_lens=str(src), git=git, note=a.note, device=a.device, dtype=a.dtype,
+                 git=git, note=a.note, device=a.device, dtype=a.dtype,
                  dims=a.dims, lm=DIMS[a.dims], threads=torch.get_num_threads(),
                  repeats=f"{a.min_repeats}-{a.repeats} per cell (budget {a.cell_seconds:g} s), warm-up {a.warmup}",
                  load_before=[round(x, 2) for x in os.getloadavg()])
@@ -440,7 +440,7 @@ def table(facts, rows, par) -> str:
              f"- machine: {facts['cpu']}, {facts['cores']} cores ({facts['usable_cores']} usable), "
              f"{facts['ram_gb']} GB RAM" + (f", GPU {facts['gpu']}" if "gpu" in facts else ""),
              f"- software: python {facts['python']}, torch {facts['torch']}, transformers {facts['transformers']}, "
-             f"av_lens from {facts['av_lens']} ({facts['git']})" + (f"; {facts['note']}" if facts['note'] else ""),
+             f"av_lens at {facts['git']}" + (f"; {facts['note']}" if facts['note'] else ""),
              f"- run: device {facts['device']}, {facts['dtype']}, torch threads {facts['threads']}, "
              f"dims {facts['dims']} ({lm['layers']} layers, d_model {lm['width']}, {lm['heads']} heads / {lm['kv']} kv, "
              f"d_mlp {lm['ffn']}, vocab {lm['vocab']}), random weights; timed rounds {facts['repeats']}",
