@@ -27,6 +27,26 @@ _TENSOR_FIELDS = ("input_ids", "attention_mask", "input_features", "feature_atte
                   "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
 
 
+def checked_ids_and_mask(data: Mapping[str, Any]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """``input_ids`` ([batch, pos], long) and ``attention_mask`` (ones when absent) from a processor output,
+    or an :class:`InputError` naming what is wrong with them."""
+    if "input_ids" not in data:
+        raise InputError("the processor output has no 'input_ids'",
+                         "pass the dict returned by processor(text=..., return_tensors='pt')")
+    ids = torch.as_tensor(data["input_ids"])
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}",
+                         "pass token ids (torch.long), not embeddings or floats")
+    ids = ids.long()
+    mask = data.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+    if mask.shape != ids.shape:
+        raise InputError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}",
+                         "pass the attention_mask returned with these input_ids")
+    return ids, mask
+
+
 @dataclass(frozen=True)
 class AVInput:
     input_ids: Int[Tensor, "batch pos"]
@@ -75,9 +95,6 @@ class AVInput:
                               audio_n_window: int = 0) -> "AVInput":
         """Wrap the dict a Qwen2.5-Omni (or Qwen2.5-VL) processor returned (``return_tensors="pt"``) and compute
         its layout. ``rope_rules`` picks the model family's position rules (see :class:`~av_lens.layout.MediaSpec`)."""
-        if "input_ids" not in data:
-            raise InputError("the processor output has no 'input_ids'",
-                             "pass the dict returned by processor(text=..., return_tensors='pt')")
         kw = {}
         data = dict(data)
         if "second_per_grid_ts" in data and "video_second_per_grid" not in data:  # the Qwen2.5-VL processor's name
@@ -87,20 +104,8 @@ class AVInput:
             if v is not None and not isinstance(v, Tensor):
                 v = torch.as_tensor(v)
             kw[name] = v
+        kw["input_ids"], kw["attention_mask"] = checked_ids_and_mask(data)
         ids = kw["input_ids"]
-        if ids.ndim == 1:
-            ids = ids[None]
-            kw["input_ids"] = ids
-        if ids.dtype not in (torch.int64, torch.int32):
-            raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}",
-                             "pass token ids (torch.long), not embeddings or floats")
-        ids = ids.long()
-        kw["input_ids"] = ids
-        if kw["attention_mask"] is None:
-            kw["attention_mask"] = torch.ones_like(ids)
-        if kw["attention_mask"].shape != ids.shape:
-            raise InputError(f"attention_mask has shape {tuple(kw['attention_mask'].shape)} but input_ids has "
-                             f"{tuple(ids.shape)}", "pass the attention_mask returned with these input_ids")
         if kw["input_features"] is not None and kw["feature_attention_mask"] is None:
             raise InputError("input_features without feature_attention_mask",
                              "pass the processor's feature_attention_mask (it gives each clip's length)")

@@ -14,7 +14,7 @@ A video's soundtrack goes in ``video_audio`` (one waveform per video) and is int
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -262,6 +262,49 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
         seconds_per_chunk=cfg.seconds_per_chunk, rope_rules=cfg.rope_rules, audio_n_window=cfg.audio_n_window,
     )
     return inp.to(model.device)
+
+
+class ImageAudioRequest(NamedTuple):
+    """A checked ``prepare`` request of a model family that takes images and audio but no video."""
+
+    texts: list[str]
+    audio: list
+    images: list
+    image_ph: str
+    audio_ph: str
+    has_ph: list[bool]
+    sampling_rate: int
+
+
+def image_audio_request(model, family: str, text, *, audio, images, videos, video_audio, use_audio_in_video,
+                        processor_output, check_batch: bool = True) -> "ImageAudioRequest | None":
+    """The checks that open ``prepare`` for image+audio families (Phi-4-multimodal, Gemma-3n): video refused,
+    media checked, placeholders spelled from the tokenizer. None when ``processor_output`` is given (the caller
+    wraps it as is). ``check_batch``: a batch with media must hold its placeholders in every prompt."""
+    cfg = model.cfg
+    if videos is not None or video_audio is not None or use_audio_in_video:
+        raise InputError(f"{cfg.model_name or family} ({cfg.original_architecture}) takes no video",
+                         "pass frames as images=[...] and the soundtrack as audio=[...], or load a Qwen Omni model")
+    if processor_output is not None:
+        return None
+    if model.processor is None:
+        raise InputError("this checkpoint has no processor config, so raw media cannot be prepared",
+                         "save the processor with the checkpoint (processor.save_pretrained) or pass processor_output=")
+    if text is None:
+        raise InputError("prepare() needs a text prompt", "pass text='Describe what you see and hear.'")
+    proc = model.processor
+    fe = getattr(proc, "feature_extractor", None) or getattr(proc, "audio_processor", None)
+    sr = int(getattr(fe, "sampling_rate", cfg.audio_sample_rate))
+    audio = [check_audio(a, sr, f"audio[{i}]") for i, a in enumerate(_as_list(audio))]
+    images = [check_image(im, f"images[{i}]") for i, im in enumerate(_as_list(images))]
+    tok = model.tokenizer
+    img_ph, aud_ph = tok.convert_ids_to_tokens(cfg.tokens.image), tok.convert_ids_to_tokens(cfg.tokens.audio)
+    texts = [text] if isinstance(text, str) else list(text)
+    has_ph = [img_ph in t or aud_ph in t for t in texts]
+    if check_batch and len(texts) > 1 and (images or audio) and not all(has_ph):
+        raise InputError("a batch of prompts with media needs the media placeholders in each prompt",
+                         f"write e.g. '{img_ph}{aud_ph}What do you see and hear?' in each text")
+    return ImageAudioRequest(texts, audio, images, img_ph, aud_ph, has_ph, sr)
 
 
 def _own_video_size(model) -> dict | None:

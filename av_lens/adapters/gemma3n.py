@@ -165,21 +165,9 @@ def _audio_token_seconds(model) -> float:
 
 def input_from_processor(model, data) -> "AVInput":
     """An AVInput from a ``Gemma3nProcessor`` output (``return_tensors="pt"``)."""
-    from av_lens.inputs import AVInput
+    from av_lens.inputs import AVInput, checked_ids_and_mask
 
-    if "input_ids" not in data:
-        raise InputError("the processor output has no 'input_ids'",
-                         "pass the dict returned by processor(text=..., return_tensors='pt')")
-    ids = torch.as_tensor(data["input_ids"])
-    ids = ids[None] if ids.ndim == 1 else ids
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}", "pass token ids (torch.long)")
-    ids = ids.long()
-    mask = data.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
-    if mask.shape != ids.shape:
-        raise InputError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}",
-                         "pass the attention_mask returned with these input_ids")
+    ids, mask = checked_ids_and_mask(data)
     if data.get("pixel_values_videos") is not None:
         raise InputError("Gemma-3n takes no video", "pass frames as images=[...], or load a Qwen Omni model")
     pixels, feats = data.get("pixel_values"), data.get("input_features")
@@ -206,30 +194,15 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
     image and one ``<audio_soft_token>`` per clip (unless the text holds them) + text +
     ``<end_of_turn>\\n<start_of_turn>model\\n``, then the native processor (left padding) and the 1-D layout.
     In a batch, images go to the prompts in order, as many to each as its text has image placeholders."""
-    from av_lens.processing import _as_list, check_audio, check_image
+    from av_lens.processing import image_audio_request
 
-    cfg = model.cfg
-    if videos is not None or video_audio is not None or use_audio_in_video:
-        raise InputError(f"{cfg.model_name or 'Gemma-3n'} ({cfg.original_architecture}) takes no video",
-                         "pass frames as images=[...] and the soundtrack as audio=[...], or load a Qwen Omni model")
-    if processor_output is not None:
+    req = image_audio_request(model, "Gemma-3n", text, audio=audio, images=images, videos=videos,
+                              video_audio=video_audio, use_audio_in_video=use_audio_in_video,
+                              processor_output=processor_output)
+    if req is None:
         return model.to_input(processor_output)
-    if model.processor is None:
-        raise InputError("this checkpoint has no processor config, so raw media cannot be prepared",
-                         "save the processor with the checkpoint (processor.save_pretrained) or pass processor_output=")
-    if text is None:
-        raise InputError("prepare() needs a text prompt", "pass text='Describe what you see and hear.'")
     proc = model.processor
-    sr = int(getattr(proc.feature_extractor, "sampling_rate", cfg.audio_sample_rate))
-    audio = [check_audio(a, sr, f"audio[{i}]") for i, a in enumerate(_as_list(audio))]
-    images = [check_image(im, f"images[{i}]") for i, im in enumerate(_as_list(images))]
-    tok = model.tokenizer
-    img_ph, aud_ph = tok.convert_ids_to_tokens(cfg.tokens.image), tok.convert_ids_to_tokens(cfg.tokens.audio)
-    texts = [text] if isinstance(text, str) else list(text)
-    has_ph = [img_ph in t or aud_ph in t for t in texts]
-    if len(texts) > 1 and (images or audio) and not all(has_ph):
-        raise InputError("a batch of prompts with media needs the media placeholders in each prompt",
-                         f"write e.g. '{img_ph}{aud_ph}What do you see and hear?' in each text")
+    texts, audio, images, img_ph, aud_ph, has_ph = req.texts, req.audio, req.images, req.image_ph, req.audio_ph, req.has_ph
     texts = [t if ph else img_ph * len(images) + aud_ph * len(audio) + t for t, ph in zip(texts, has_ph)]
     if chat:
         texts = [f"<start_of_turn>user\n{t}<end_of_turn>\n<start_of_turn>model\n" for t in texts]
