@@ -212,16 +212,16 @@ class Attention(nn.Module):
                 if changed.float().mean() > 0.5:  # most rows edited (e.g. one decoding step): masked kernel
                     mask, edited = edited, None
         if self.needs_explicit(ctx):
-            kr = kh.repeat_interleave(self.cfg.n_rep, dim=1)
-            vr = vh.repeat_interleave(self.cfg.n_rep, dim=1)
-            scores = torch.matmul(qh, kr.transpose(2, 3)) * self.scale
-            if mask is not None:
-                scores = scores + mask
-            else:  # adding a shared float mask is faster than masked_fill with a fresh boolean one
-                scores = scores + ctx.causal_mask(P, kr.shape[2], scores.dtype, x.device)
+            # Grouped: the n_rep query heads that share a key/value head form one [n_rep * pos, d_head] operand,
+            # so keys and values are never repeated, and the scores come out directly as [batch, head, q, k].
+            K, rep = kh.shape[2], self.cfg.n_rep
+            scores = torch.matmul(qh.reshape(B, nkv, rep * P, dh), kh.transpose(2, 3)).view(B, nh, P, K)
+            # Scale and mask in place (the product is fresh; no hook has seen it yet). Adding a shared float mask
+            # is faster than masked_fill with a fresh boolean one.
+            scores.mul_(self.scale).add_(mask if mask is not None else ctx.causal_mask(P, K, scores.dtype, x.device))
             scores = self.hook_attn_scores(scores)
             pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype))
-            zh = torch.matmul(pattern, vr)
+            zh = torch.matmul(pattern.reshape(B, nkv, rep * P, K), vh).view(B, nh, P, dh)
         else:
             zh = F.scaled_dot_product_attention(
                 qh, kh, vh, attn_mask=mask, is_causal=mask is None and P > 1 and kh.shape[2] == P,

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from av_lens.components.attention import Attention, AttnContext
+from av_lens.components.inplace import may_overwrite
 from av_lens.components.mlp import GatedMLP
 from av_lens.components.moe import SparseMoE
 from av_lens.components.rms_norm import RMSNorm
@@ -39,9 +40,11 @@ class TransformerBlock(nn.Module):
     def forward(self, resid: Float[Tensor, "batch pos d_model"], ctx: AttnContext) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), ctx))
-        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        # Un-hooked inference sums into the freshly computed branch output instead of a new buffer.
+        resid_mid = self.hook_resid_mid(attn_out.add_(resid_pre) if may_overwrite(self.hook_attn_out)
+                                        else resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
-        resid_post = resid_mid + mlp_out
+        resid_post = mlp_out.add_(resid_mid) if may_overwrite(self.hook_mlp_out) else resid_mid + mlp_out
         extra = ctx.deepstack.get(self.layer) if ctx.deepstack else None
         if extra is not None and extra.shape[1] == resid_post.shape[1]:  # prefill: the prompt's visual positions
             resid_post = resid_post + self.hook_deepstack(extra.to(resid_post.device, resid_post.dtype))

@@ -9,11 +9,14 @@ Weights are stored as transformers' linear layers; ``W_gate``/``W_in`` [d_model,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-_ACTS = {"silu": nn.functional.silu, "gelu": nn.functional.gelu}
+from av_lens.components.inplace import may_overwrite
+
+_ACTS = {"silu": F.silu, "gelu": F.gelu}
 
 
 class GatedMLP(nn.Module):
@@ -50,6 +53,10 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = self.hook_pre(self.gate_proj(x))
+        if self.act is F.silu and may_overwrite(self.hook_pre):  # un-hooked inference: reuse the gate's buffer
+            act = F.silu(pre, inplace=True)
+        else:
+            act = self.act(pre)
         pre_linear = self.hook_pre_linear(self.up_proj(x))
-        post = self.hook_post(self.act(pre) * pre_linear)
+        post = self.hook_post(act.mul_(pre_linear) if may_overwrite() else act * pre_linear)
         return self.down_proj(post)

@@ -5,6 +5,11 @@ fp32), ``hook_normalized`` the normalised vector *before* the learned weight ("b
 TransformerLens. ActivationCache.apply_ln_to_stack divides by the cached ``hook_scale``; because weights are
 not folded here, :meth:`HookedAVTransformer.tokens_to_residual_directions` returns unembedding directions
 already multiplied by the final norm's weight, so logit attributions still sum to the logits.
+
+Un-hooked, the norm computes ``x * rsqrt(mean(x^2) + eps)`` as transformers does (one fused reciprocal square
+root instead of a square root and a division) and applies the weight in place (see
+:mod:`av_lens.components.inplace`); while ``hook_scale`` is hooked it divides by the (possibly edited) scale
+the hook returned, so an edit takes effect exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
+
+from av_lens.components.inplace import hooked, may_overwrite
 
 
 class RMSNorm(nn.Module):
@@ -26,6 +33,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         dtype = x.dtype
         x32 = x.float()
-        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        normalized = self.hook_normalized((x32 / scale).to(dtype))
+        var = x32.pow(2).mean(-1, keepdim=True) + self.eps
+        if hooked(self.hook_scale):
+            normalized = x32 / self.hook_scale(var.sqrt())
+        else:
+            normalized = x32 * torch.rsqrt(var)
+        normalized = self.hook_normalized(normalized.to(dtype))
+        if may_overwrite(self.hook_normalized) and normalized.dtype == self.w.dtype:
+            return normalized.mul_(self.w)
         return self.w * normalized
