@@ -221,7 +221,8 @@ class Attention(nn.Module):
             scores.mul_(self.scale).add_(mask if mask is not None else ctx.causal_mask(P, K, scores.dtype, x.device))
             scores = self.hook_attn_scores(scores)
             pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype))
-            zh = torch.matmul(pattern.reshape(B, nkv, rep * P, K), vh).view(B, nh, P, dh)
+            # (expand: a hook may return a broadcastable pattern, e.g. [batch, 1, q, k]; a no-op otherwise)
+            zh = torch.matmul(pattern.expand(B, nh, P, K).reshape(B, nkv, rep * P, K), vh).view(B, nh, P, dh)
         else:
             zh = F.scaled_dot_product_attention(
                 qh, kh, vh, attn_mask=mask, is_causal=mask is None and P > 1 and kh.shape[2] == P,

@@ -37,14 +37,27 @@ class TransformerBlock(nn.Module):
         if layer < cfg.n_deepstack:
             self.hook_deepstack = HookPoint()
 
+    @property
+    def _attn_producers(self) -> tuple:
+        return self.attn, getattr(self.attn, "o_proj", None)
+
+    @property
+    def _mlp_producers(self) -> tuple:
+        return self.mlp, getattr(self.mlp, "down_proj", None)  # the MoE mixes its experts itself (no module)
+
     def forward(self, resid: Float[Tensor, "batch pos d_model"], ctx: AttnContext) -> Float[Tensor, "batch pos d_model"]:
+        # Un-hooked inference sums into the freshly computed branch output instead of a new buffer. The producers
+        # of attn_out / mlp_out are watched too (a plain hook on blocks.l.attn or its o_proj receives the very
+        # tensor that would be summed into), before and after they run.
+        attn_watch, mlp_watch = (self.hook_attn_out, *self._attn_producers), (self.hook_mlp_out, *self._mlp_producers)
+        attn_free, mlp_free = may_overwrite(*attn_watch), may_overwrite(*mlp_watch)
         resid_pre = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), ctx))
-        # Un-hooked inference sums into the freshly computed branch output instead of a new buffer.
-        resid_mid = self.hook_resid_mid(attn_out.add_(resid_pre) if may_overwrite(self.hook_attn_out)
-                                        else resid_pre + attn_out)
+        attn_free = attn_free and may_overwrite(*attn_watch)
+        resid_mid = self.hook_resid_mid(attn_out.add_(resid_pre) if attn_free else resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
-        resid_post = mlp_out.add_(resid_mid) if may_overwrite(self.hook_mlp_out) else resid_mid + mlp_out
+        mlp_free = mlp_free and may_overwrite(*mlp_watch)
+        resid_post = mlp_out.add_(resid_mid) if mlp_free else resid_mid + mlp_out
         extra = ctx.deepstack.get(self.layer) if ctx.deepstack else None
         if extra is not None and extra.shape[1] == resid_post.shape[1]:  # prefill: the prompt's visual positions
             resid_post = resid_post + self.hook_deepstack(extra.to(resid_post.device, resid_post.dtype))

@@ -17,6 +17,7 @@ from transformer_lens.hook_points import HookPoint
 from av_lens.components.inplace import may_overwrite
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu}
+_BUILTIN_ACTS = tuple(_ACTS.values())
 
 
 class GatedMLP(nn.Module):
@@ -52,11 +53,14 @@ class GatedMLP(nn.Module):
                            dtype=self.down_proj.weight.dtype)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        gate_free = may_overwrite(self.hook_pre, self.gate_proj)  # asked before and after the hooks run
         pre = self.hook_pre(self.gate_proj(x))
-        if self.act is F.silu and may_overwrite(self.hook_pre):  # un-hooked inference: reuse the gate's buffer
-            act = F.silu(pre, inplace=True)
-        else:
+        gate_free = gate_free and may_overwrite(self.hook_pre, self.gate_proj)
+        if self.act is F.silu and gate_free:  # un-hooked inference: the activation reuses the gate's buffer
+            act, act_free = F.silu(pre, inplace=True), True
+        else:  # a built-in activation returns a new tensor; a user-set one (e.g. identity) may return ``pre``
             act = self.act(pre)
+            act_free = self.act in _BUILTIN_ACTS and not torch.is_grad_enabled()
         pre_linear = self.hook_pre_linear(self.up_proj(x))
-        post = self.hook_post(act.mul_(pre_linear) if may_overwrite() else act * pre_linear)
+        post = self.hook_post(act.mul_(pre_linear) if act_free and may_overwrite() else act * pre_linear)
         return self.down_proj(post)

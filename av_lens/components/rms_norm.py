@@ -6,10 +6,10 @@ TransformerLens. ActivationCache.apply_ln_to_stack divides by the cached ``hook_
 not folded here, :meth:`HookedAVTransformer.tokens_to_residual_directions` returns unembedding directions
 already multiplied by the final norm's weight, so logit attributions still sum to the logits.
 
-Un-hooked, the norm computes ``x * rsqrt(mean(x^2) + eps)`` as transformers does (one fused reciprocal square
-root instead of a square root and a division) and applies the weight in place (see
-:mod:`av_lens.components.inplace`); while ``hook_scale`` is hooked it divides by the (possibly edited) scale
-the hook returned, so an edit takes effect exactly.
+The norm computes ``x * rsqrt(mean(x^2) + eps)`` as transformers does (one fused reciprocal square root instead
+of a square root and a division), hooked or not, and un-hooked applies the weight in place (see
+:mod:`av_lens.components.inplace`). When a ``hook_scale`` hook edits the scale (returns another tensor, or
+changes it in place), the norm divides by the edited scale instead, so the edit takes effect exactly.
 """
 
 from __future__ import annotations
@@ -34,11 +34,17 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x32 = x.float()
         var = x32.pow(2).mean(-1, keepdim=True) + self.eps
+        edited = None
         if hooked(self.hook_scale):
-            normalized = x32 / self.hook_scale(var.sqrt())
-        else:
-            normalized = x32 * torch.rsqrt(var)
+            scale = var.sqrt()
+            before = scale.clone()  # [batch, pos, 1]: tells an in-place edit from a hook that only read it
+            out = self.hook_scale(scale)
+            if out is not scale or not torch.equal(out, before):
+                edited = out
+        # Un-edited, the same arithmetic hooked or not, so run_with_cache's logits equal the plain forward's.
+        normalized = x32 * torch.rsqrt(var) if edited is None else x32 / edited
+        free = may_overwrite(self.hook_normalized)  # asked before and after the hook runs
         normalized = self.hook_normalized(normalized.to(dtype))
-        if may_overwrite(self.hook_normalized) and normalized.dtype == self.w.dtype:
+        if free and may_overwrite(self.hook_normalized) and normalized.dtype == self.w.dtype:
             return normalized.mul_(self.w)
         return self.w * normalized
