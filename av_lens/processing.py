@@ -119,6 +119,16 @@ def placeholders(model) -> dict[str, str]:
     return out
 
 
+
+def _processor_for(model, text):
+    """The model's processor for raw media and a text prompt, or the error that names what is missing."""
+    if model.processor is None:
+        raise InputError("this checkpoint has no processor config, so raw media cannot be prepared",
+                         "save the processor with the checkpoint (processor.save_pretrained) or pass processor_output=")
+    if text is None:
+        raise InputError("prepare() needs a text prompt", "pass text='Describe what you see and hear.'")
+    return model.processor
+
 def chat_prompt(text: str, *, n_images: int = 0, n_videos: int = 0, n_audio: int = 0,
                 system_prompt: str | None = None, media_placeholders: dict[str, str] | None = None) -> str:
     """The Qwen chat format: media placeholders (videos, images, audio) then the text, then the
@@ -180,12 +190,7 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
         use_audio_in_video = video_audio is not None
     if processor_output is not None:
         return model.to_input(processor_output, use_audio_in_video=use_audio_in_video).to(model.device)
-    if model.processor is None:
-        raise InputError("this checkpoint has no processor config, so raw media cannot be prepared",
-                         "save the processor with the checkpoint (processor.save_pretrained) or pass processor_output=")
-    if text is None:
-        raise InputError("prepare() needs a text prompt", "pass text='Describe what you see and hear.'")
-    proc = model.processor
+    proc = _processor_for(model, text)
     ph = placeholders(model)
     if "audio" not in cfg.modalities and (audio is not None or video_audio is not None):
         raise InputError(f"{cfg.model_name or 'this model'} ({cfg.original_architecture}) takes no audio",
@@ -287,12 +292,7 @@ def image_audio_request(model, family: str, text, *, audio, images, videos, vide
                          "pass frames as images=[...] and the soundtrack as audio=[...], or load a Qwen Omni model")
     if processor_output is not None:
         return None
-    if model.processor is None:
-        raise InputError("this checkpoint has no processor config, so raw media cannot be prepared",
-                         "save the processor with the checkpoint (processor.save_pretrained) or pass processor_output=")
-    if text is None:
-        raise InputError("prepare() needs a text prompt", "pass text='Describe what you see and hear.'")
-    proc = model.processor
+    proc = _processor_for(model, text)
     fe = getattr(proc, "feature_extractor", None) or getattr(proc, "audio_processor", None)
     sr = int(getattr(fe, "sampling_rate", cfg.audio_sample_rate))
     audio = [check_audio(a, sr, f"audio[{i}]") for i, a in enumerate(_as_list(audio))]

@@ -69,11 +69,10 @@ class TinySpec:
     extra: dict = field(default_factory=dict)
 
 
-def build_tiny_tokenizer(vocab_size: int = 400, special_tokens: list[str] = SPECIAL_TOKENS,
-                         named_tokens: dict[str, str] = NAMED_TOKENS):
-    """A byte-level BPE tokenizer with the Omni special tokens at ids 0..9, trained offline. With
-    ``VL_SPECIAL_TOKENS`` / ``VL_NAMED_TOKENS`` it is the matching Qwen2.5-VL tokenizer: same ids, same text
-    tokens, Qwen2.5-VL's spellings of the vision placeholders."""
+def train_bpe_tokenizer(special_tokens, vocab_size: int = 400, **kwargs):
+    """A byte-level BPE tokenizer trained offline on the tiny corpus, with ``special_tokens`` first (ids 0..)
+    and ``<unk>`` after them; ``kwargs`` go to PreTrainedTokenizerFast (eos/pad/bos tokens, extra specials).
+    Every tiny model family (Omni, VL, Phi-4, Gemma-3n) builds its tokenizer with it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -85,10 +84,16 @@ def build_tiny_tokenizer(vocab_size: int = 400, special_tokens: list[str] = SPEC
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(_CORPUS, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens=dict(named_tokens),
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **kwargs)
+
+
+def build_tiny_tokenizer(vocab_size: int = 400, special_tokens: list[str] = SPECIAL_TOKENS,
+                         named_tokens: dict[str, str] = NAMED_TOKENS):
+    """A byte-level BPE tokenizer with the Omni special tokens at ids 0..9, trained offline. With
+    ``VL_SPECIAL_TOKENS`` / ``VL_NAMED_TOKENS`` it is the matching Qwen2.5-VL tokenizer: same ids, same text
+    tokens, Qwen2.5-VL's spellings of the vision placeholders."""
+    return train_bpe_tokenizer(special_tokens, vocab_size, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               extra_special_tokens=dict(named_tokens))
 
 
 def build_tiny_processor(tokenizer):

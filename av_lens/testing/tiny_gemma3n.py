@@ -51,19 +51,10 @@ class TinyGemma3nSpec:
 
 
 def build_tiny_tokenizer(vocab_size: int = 400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from av_lens.testing.tiny import train_bpe_tokenizer
 
-    from av_lens.testing.tiny import _CORPUS
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=GEMMA3N_SPECIAL_TOKENS + ["<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>")
+    fast = train_bpe_tokenizer(GEMMA3N_SPECIAL_TOKENS, vocab_size, bos_token="<bos>", eos_token="<eos>",
+                               pad_token="<pad>")
     text_v = len(fast)
     vis = ["<end_of_image>", "<image_soft_token>"] + [f"<vision_{i}>" for i in range(N_HARD - 2)]
     aud = ["<end_of_audio>", "<audio_soft_token>"] + [f"<audio_{i}>" for i in range(N_HARD - 2)]

@@ -42,20 +42,11 @@ class TinyPhi4Spec:
 
 
 def build_tiny_tokenizer(vocab_size: int = 400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from av_lens.testing.tiny import train_bpe_tokenizer
 
-    from av_lens.testing.tiny import _CORPUS
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=PHI4_SPECIAL_TOKENS + ["<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|endoftext|>",
-                                   eos_token="<|end|>", pad_token="<|endoftext|>",
-                                   extra_special_tokens={"image_token": "<|image|>", "audio_token": "<|audio|>"})
+    return train_bpe_tokenizer(PHI4_SPECIAL_TOKENS, vocab_size, bos_token="<|endoftext|>", eos_token="<|end|>",
+                               pad_token="<|endoftext|>",
+                               extra_special_tokens={"image_token": "<|image|>", "audio_token": "<|audio|>"})
 
 
 def tiny_phi4_config(spec: TinyPhi4Spec, tokenizer):
