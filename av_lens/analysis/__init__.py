@@ -7,10 +7,14 @@ a small loop and returns a tidy result. Positions are chosen with layout selecto
 ==========================  ===============================================================
 attention_flow              attention mass per layer x head x key modality (no T^2 kept)
 logit_lens                  per-layer top-k / target ranks at a modality's positions
-knockout                    block query->key edges in a layer window; window sweeps
+knockout                    block query->key edges in a layer window; window sweeps; token-drop curves
 patching                    activation patching by modality set; sender->receiver path patching
 ablation                    head ablation (zero / mean / resample), per-head effect tables
-probes                      linear probes on pooled residuals, with a control task
+probes                      linear probes (any selector, e.g. last_prompt) with AUROC and a control task;
+                            ridge regression probes
+steering                    add a direction at selected positions in prefill and every decoding step; sweeps
+similarity                  linear / debiased CKA across layers, position sets or runs, streamed
+sinks                       attention sinks and massive activations per modality
 token_shift                 teacher-forced comparison with a base model (unshifted/marginal/shifted)
 pairs                       factual/counterfactual pairs, caption-fidelity scorers
 ==========================  ===============================================================
@@ -19,11 +23,16 @@ pairs                       factual/counterfactual pairs, caption-fidelity score
 from av_lens.analysis.ablation import head_ablation_hooks, head_effect_table
 from av_lens.analysis.attention_flow import AttentionFlow, FlowResult, attention_flow
 from av_lens.analysis.knockout import (SweepResult, from_layer_windows, knockout_hooks, knockout_sweep,
-                                       sliding_windows)
+                                       sliding_windows, token_drop_sweep)
 from av_lens.analysis.logit_lens import LensResult, LogitLens, logit_lens
 from av_lens.analysis.pairs import (CaptionScorer, KeywordScorer, LLMJudgeScorer, Pair, counterfactual_pair,
                                     fidelity, organism_pairs, require_aligned)
 from av_lens.analysis.patching import (PatchResult, patch_by_modality, patch_per_position, path_patch,
                                        path_patch_hooks)
-from av_lens.analysis.probes import LinearProbe, ProbeResult, pooled_residuals, probe_layers
+from av_lens.analysis.probes import (LinearProbe, ProbeResult, RegressionProbeResult, auroc, multiclass_auroc,
+                                    pooled_residuals, probe_layers, regression_probe_layers)
+from av_lens.analysis.similarity import CKAAccumulator, CKAResult, cka_matrix, linear_cka
+from av_lens.analysis.sinks import SinkResult, sinks
+from av_lens.analysis.steering import (SteeringHooks, SteeringSweep, mean_difference, probe_direction,
+                                       random_direction_like, steer, steering_hooks, steering_sweep)
 from av_lens.analysis.token_shift import TokenShiftResult, pooled_fractions, token_shift, token_shift_batch

@@ -130,3 +130,21 @@ def knockout_sweep(model, inputs, query: SelectorLike, keys: SelectorLike, windo
     values = [run(knockout_hooks(model, query, keys, w))
               for w in tqdm(windows, desc=f"knockout {query}->{keys}", disable=not progress)]
     return SweepResult(list(windows), torch.stack(values), baseline, str(query), str(keys))
+
+
+def token_drop_sweep(model, inputs, drop: SelectorLike, metric: Callable, *, start_layers: Sequence[int] | None = None,
+                     generate: dict | None = None, progress: bool = True) -> SweepResult:
+    """"Drop ``drop``'s tokens from layer L on": for each L, no other position attends to them in layers
+    L..n_layers-1 (prefill and, with ``generate``, every decoding step), and ``metric`` is measured.
+
+    The curve of SEATS / "From Senses to Decisions": where it reaches the baseline, the model no longer needs
+    the dropped tokens. Built on :func:`knockout_sweep` with queries = every position not in ``drop`` and
+    windows ``range(L, n_layers)``; ``start_layers`` defaults to every layer. The dropped positions keep
+    attending among themselves (what they compute no longer reaches anyone else)."""
+    from av_lens.layout import as_selector
+
+    n = model.cfg.n_layers
+    starts = check_layers(model, range(n) if start_layers is None else start_layers, "token-drop start layers")
+    query = as_selector("all") - as_selector(drop)
+    return knockout_sweep(model, inputs, query, drop, [range(l, n) for l in starts], metric, generate=generate,
+                          progress=progress)

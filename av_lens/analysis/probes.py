@@ -18,6 +18,15 @@ the same probe on labels shuffled across items — held-out accuracy then sits a
 
 The probe itself is multinomial logistic regression with an L2 penalty, fitted full-batch with L-BFGS on
 standardised features: a convex problem, so the fit is deterministic and independent of initialisation.
+Besides accuracy, every layer reports the held-out AUROC (binary: of the positive class's probability;
+multinomial: the mean of the one-vs-rest AUROCs), computed by the rank formula of :func:`auroc`.
+
+Any selector can be probed, not only media items. The 2026 papers' last-prompt-token probes are
+
+    feats = pooled_residuals(model, inputs, "last_prompt", per_item=False)   # [n_layers + 1, batch, d_model]
+
+and :func:`regression_probe_layers` fits ridge regressions for continuous targets (e.g. an event's time
+from the audio positions), with R² on held-out items and the same shuffled control.
 """
 
 from __future__ import annotations
@@ -130,6 +139,48 @@ class LinearProbe:
         return float((self.predict(X) == y.long()).double().mean())
 
 
+# ------------------------------------------------------------------------------------------------- AUROC
+def auroc(scores: Float[Tensor, "n"], labels: Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive), by the rank formula.
+
+    AUROC = (sum of the positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), with tied scores given
+    their average rank (Mann-Whitney U). Needs both classes present."""
+    scores = torch.as_tensor(scores).double().flatten()
+    y = torch.as_tensor(labels).flatten().bool()
+    if scores.shape != y.shape:
+        raise InputError(f"{scores.numel()} scores but {y.numel()} labels", "pass one score per label")
+    if not torch.isfinite(scores).all():
+        raise InputError("AUROC scores contain NaN or Inf", "check the probe's features")
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise InputError(f"AUROC needs both classes; got {n_pos} positives and {n_neg} negatives",
+                         "use a test split that contains both classes (more items, or another seed)")
+    order = torch.argsort(scores)
+    s = scores[order]
+    ranks = torch.empty_like(s)
+    i, n = 0, len(s)
+    while i < n:                       # average ranks over ties
+        j = i
+        while j + 1 < n and s[j + 1] == s[i]:
+            j += 1
+        ranks[i:j + 1] = (i + j) / 2 + 1
+        i = j + 1
+    r = torch.empty_like(ranks)
+    r[order] = ranks
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def multiclass_auroc(probs: Float[Tensor, "n k"], labels: Tensor) -> float:
+    """Macro one-vs-rest AUROC over the classes present in ``labels`` (both roles needed per class);
+    NaN when fewer than two classes are present."""
+    labels = torch.as_tensor(labels).long()
+    if probs.shape[1] == 2:
+        return auroc(probs[:, 1], labels == 1) if 0 < int(labels.sum()) < len(labels) else float("nan")
+    vals = [auroc(probs[:, c], labels == c) for c in torch.unique(labels).tolist()
+            if 0 < int((labels == c).sum()) < len(labels)]
+    return float(sum(vals) / len(vals)) if vals else float("nan")
+
+
 @dataclass
 class ProbeResult:
     """Held-out accuracy per layer, with the shuffled-label control and the chance level."""
@@ -141,6 +192,8 @@ class ProbeResult:
     chance: float             # accuracy of always predicting the most frequent training label
     n_train: int
     n_test: int
+    auroc: Tensor | None = None          # [layer] held-out AUROC (macro one-vs-rest when multinomial)
+    control_auroc: Tensor | None = None  # [layer] the same for the shuffled-label control
 
     @property
     def selectivity(self) -> Tensor:
@@ -151,9 +204,11 @@ class ProbeResult:
         return self.layers[int(self.accuracy.argmax())]
 
     def table(self) -> str:
-        rows = [f"{'layer':>5} {'acc':>6} {'control':>8} {'train':>6}"]
-        rows += [f"{l:5d} {a:6.3f} {c:8.3f} {t:6.3f}" for l, a, c, t in
-                 zip(self.layers, self.accuracy.tolist(), self.control_accuracy.tolist(), self.train_accuracy.tolist())]
+        au = self.auroc.tolist() if self.auroc is not None else [float("nan")] * len(self.layers)
+        rows = [f"{'layer':>5} {'acc':>6} {'control':>8} {'train':>6} {'auroc':>6}"]
+        rows += [f"{l:5d} {a:6.3f} {c:8.3f} {t:6.3f} {u:6.3f}" for l, a, c, t, u in
+                 zip(self.layers, self.accuracy.tolist(), self.control_accuracy.tolist(), self.train_accuracy.tolist(),
+                     au)]
         return "\n".join(rows + [f"chance {self.chance:.3f}  (train {self.n_train}, test {self.n_test})"])
 
 
@@ -175,13 +230,85 @@ def probe_layers(features: Float[Tensor, "layer n d"], labels: Int[Tensor, "n"],
     test, train = perm[:n_test], perm[n_test:]
     k = int(n_classes or int(labels.max()) + 1)
     control = labels[torch.randperm(n, generator=g)]
-    acc, ctl, tr = [], [], []
+    acc, ctl, tr, au, cau = [], [], [], [], []
     for l in range(L):
         X = features[l]
         p = LinearProbe(k, l2).fit(X[train], labels[train])
         acc.append(p.accuracy(X[test], labels[test]))
         tr.append(p.accuracy(X[train], labels[train]))
-        ctl.append(LinearProbe(k, l2).fit(X[train], control[train]).accuracy(X[test], control[test]))
+        au.append(multiclass_auroc(p.logits(X[test]).softmax(-1), labels[test]))
+        c = LinearProbe(k, l2).fit(X[train], control[train])
+        ctl.append(c.accuracy(X[test], control[test]))
+        cau.append(multiclass_auroc(c.logits(X[test]).softmax(-1), control[test]))
     chance = float((labels[test] == torch.bincount(labels[train], minlength=k).argmax()).double().mean())
     return ProbeResult(list(layers) if layers is not None else list(range(L)), torch.tensor(acc), torch.tensor(ctl),
-                       torch.tensor(tr), chance, len(train), n_test)
+                       torch.tensor(tr), chance, len(train), n_test, torch.tensor(au), torch.tensor(cau))
+
+
+# ------------------------------------------------------------------------------------------- regression
+@dataclass
+class RegressionProbeResult:
+    """Held-out R² of a ridge regression per layer, with the shuffled-target control."""
+
+    layers: list[int]
+    r2: Tensor            # [layer]
+    control_r2: Tensor    # [layer]
+    train_r2: Tensor      # [layer]
+    n_train: int
+    n_test: int
+
+    def table(self) -> str:
+        rows = [f"{'layer':>5} {'R2':>7} {'control':>8} {'train':>7}"]
+        rows += [f"{l:5d} {a:7.3f} {c:8.3f} {t:7.3f}" for l, a, c, t in
+                 zip(self.layers, self.r2.tolist(), self.control_r2.tolist(), self.train_r2.tolist())]
+        return "\n".join(rows + [f"(train {self.n_train}, test {self.n_test})"])
+
+
+def _ridge_r2(Xtr: Tensor, ytr: Tensor, Xte: Tensor, yte: Tensor, l2: float) -> tuple[float, float]:
+    mu, sd = Xtr.mean(0), Xtr.std(0).clamp_min(1e-6)
+    A, B = (Xtr - mu) / sd, (Xte - mu) / sd
+    ym = ytr.mean()
+    d = A.shape[1]
+    w = torch.linalg.solve(A.T @ A + l2 * len(A) * torch.eye(d, dtype=A.dtype), A.T @ (ytr - ym))
+
+    def r2(X, y):
+        res = ((X @ w + ym - y) ** 2).sum()
+        tot = ((y - y.mean()) ** 2).sum()
+        return float(1 - res / tot) if float(tot) > 0 else float("nan")
+
+    return r2(B, yte), r2(A, ytr)
+
+
+def regression_probe_layers(features: Float[Tensor, "layer n d"], targets: Float[Tensor, "n"], *,
+                            test_fraction: float = 0.3, l2: float = 1e-2, seed: int = 0,
+                            layers: list[int] | None = None) -> RegressionProbeResult:
+    """Ridge regression (standardised features, penalty ``l2 * n_train * ||w||^2``) per layer; held-out R²
+    against a control fitted to targets shuffled across items."""
+    y = torch.as_tensor(targets).double().flatten()
+    L, n, _ = features.shape
+    if n != y.shape[0]:
+        raise InputError(f"{n} pooled items but {y.shape[0]} targets", "pass one target per item")
+    if not torch.isfinite(y).all() or not torch.isfinite(features).all():
+        raise InputError("regression probe features or targets contain NaN or Inf", "check the inputs")
+    if float(y.std()) == 0:
+        raise InputError("every regression target has the same value; R² is undefined",
+                         "use targets that vary across items")
+    if not 0 < test_fraction < 1:
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}", "use e.g. 0.3")
+    n_test = int(round(n * test_fraction))
+    if n_test < 2 or n - n_test < 2:
+        raise InputError(f"{n} items are too few to split into train and test", "pool more clips (>= 10)")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    test, train = perm[:n_test], perm[n_test:]
+    control = y[torch.randperm(n, generator=g)]
+    r2, ctl, tr = [], [], []
+    for l in range(L):
+        X = features[l].double()
+        te, trn = _ridge_r2(X[train], y[train], X[test], y[test], l2)
+        r2.append(te)
+        tr.append(trn)
+        ctl.append(_ridge_r2(X[train], control[train], X[test], control[test], l2)[0])
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return RegressionProbeResult(list(layers) if layers is not None else list(range(L)), f64(r2), f64(ctl), f64(tr),
+                                 len(train), n_test)
