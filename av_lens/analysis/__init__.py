@@ -32,7 +32,7 @@ from av_lens.analysis.patching import (PatchResult, patch_by_modality, patch_per
 from av_lens.analysis.probes import (LinearProbe, ProbeResult, RegressionProbeResult, auroc, multiclass_auroc,
                                     pooled_residuals, probe_layers, regression_probe_layers)
 from av_lens.analysis.similarity import CKAAccumulator, CKAResult, cka_matrix, linear_cka
-from av_lens.analysis.sinks import SinkResult, sinks
+from av_lens.analysis.sinks import SinkResult, scan_sinks
 from av_lens.analysis.steering import (SteeringHooks, SteeringSweep, mean_difference, probe_direction,
                                        random_direction_like, steer, steering_hooks, steering_sweep)
 from av_lens.analysis.token_shift import TokenShiftResult, pooled_fractions, token_shift, token_shift_batch

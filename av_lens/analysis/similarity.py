@@ -25,6 +25,7 @@ real-model widths.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -218,5 +219,16 @@ def cka_matrix(model, batches: Iterable, a: SelectorLike = "audio", b: SelectorL
         for i in range(len(la)):
             for j in range(len(lb)):
                 acc[i][j].update(fa[i], fb[j])
-    cka = torch.tensor([[acc[i][j].value() for j in range(len(lb))] for i in range(len(la))])
+    cka = torch.full((len(la), len(lb)), float("nan"))
+    undefined = []
+    for i in range(len(la)):
+        for j in range(len(lb)):
+            try:
+                cka[i, j] = acc[i][j].value()
+            except InputError:
+                undefined.append((la[i], lb[j]))
+    if undefined:
+        warnings.warn(f"CKA is undefined (NaN) for {len(undefined)} layer pair(s), e.g. {undefined[:4]}: one side is "
+                      "constant across the examples there (e.g. the same token's embedding at layer 0). Leave those "
+                      "layers out with layers= / layers_b=.", stacklevel=2)
     return CKAResult(la, lb, cka, str(a), str(b), n, debiased)

@@ -7,7 +7,7 @@ Two phenomena 2026 papers on multimodal LLMs look for at media positions (cross-
 * a **massive activation** (Sun et al. 2024) is a residual-stream entry orders of magnitude larger than the
   typical entry, usually in a few fixed dimensions, at a few positions.
 
-    res = sinks(model, inputs)                     # one forward; patterns are reduced layer by layer
+    res = scan_sinks(model, inputs)                # one forward; patterns are reduced layer by layer
     res.sinks(threshold=0.3)                        # (sample, layer, head, position, label, share) rows
     res.massive(ratio=100.0)                        # (sample, layer, position, dim, value, ratio) rows
     res.by_modality(threshold=0.3)                  # per layer: sinks and massive positions per modality
@@ -106,15 +106,17 @@ class SinkResult:
 
     def table(self, threshold: float = 0.3, ratio: float = 100.0, top: int = 10) -> str:
         rows = [f"attention sinks (share >= {threshold}):"]
-        rows += [f"  layer {r['layer']:>2} head {r['head']:>2} sample {r['sample']} {r['label']:<24} {r['share']:.3f}"
+        rows += [f"  layer {r['layer']:>2} head {r['head']:>2} sample {r['sample']} pos {r['position']:>4} "
+                 f"{r['label']:<24} {r['share']:.3f}"
                  for r in self.sinks(threshold)[:top]] or ["  none"]
         rows.append(f"massive activations (>= {ratio:g}x the layer median):")
-        rows += [f"  resid {r['resid']:>2} sample {r['sample']} {r['label']:<24} dim {r['dim']:>4} {r['ratio']:.0f}x"
+        rows += [f"  resid {r['resid']:>2} sample {r['sample']} pos {r['position']:>4} {r['label']:<24} "
+                 f"dim {r['dim']:>4} {r['ratio']:.0f}x"
                  for r in self.massive(ratio)[:top]] or ["  none"]
         return "\n".join(rows)
 
 
-def sinks(model, inputs, *, layers=None) -> SinkResult:
+def scan_sinks(model, inputs, *, layers=None) -> SinkResult:
     """Run one forward and reduce every layer's pattern to per-key received shares and every residual to
     per-position maxima (nothing of size T² is kept across layers)."""
     inputs = model.to_input(inputs)

@@ -85,6 +85,14 @@ def test_cka_matrix_matches_pooled_cache_features(model, media):
     assert "CKA" in res.table() and "<svg" in res.view()._repr_html_()
 
 
+def test_constant_layers_are_nan_with_a_warning(model, media):
+    batches = [model.prepare(**cases(media)["audio"]), model.prepare(**cases(media)["video_with_audio"]),
+               model.prepare(**cases(media)["image_video_audio"])]
+    with pytest.warns(UserWarning, match="undefined"):
+        res = cka_matrix(model, batches, "media", "last_prompt", layers=[1], layers_b=[0, 1])
+    assert torch.isnan(res.cka[0, 0]) and torch.isfinite(res.cka[0, 1])  # the last token's embedding is constant
+
+
 def test_refusals(model, media):
     with pytest.raises(InputError, match="at least 4"):
         linear_cka(torch.randn(3, 2), torch.randn(3, 2), debiased=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from av_lens.analysis.sinks import sinks
+from av_lens.analysis.sinks import scan_sinks
 from av_lens.errors import InputError
 from conftest import cases, padded_batch
 
@@ -11,7 +11,7 @@ from conftest import cases, padded_batch
 @pytest.mark.parametrize("which", ["video_with_audio", "padded"])
 def test_received_shares_and_maxima_match_a_full_cache(model, media, which):
     inp = padded_batch(model, media) if which == "padded" else model.prepare(**cases(media)[which])
-    res = sinks(model, inp)
+    res = scan_sinks(model, inp)
     _, cache = model.run_with_cache(inp)
     real = inp.attention_mask.bool()
     B, T = real.shape
@@ -51,7 +51,7 @@ def test_massive_activation_detected_where_planted(model, media):
 
     hooks = [("blocks.0.hook_resid_post", plant)]
     with model.hooks(fwd_hooks=hooks):
-        res = sinks(model, inp)
+        res = scan_sinks(model, inp)
     rows = res.massive(ratio=100.0)
     assert rows and rows[0]["position"] == p and rows[0]["dim"] == 7 and rows[0]["modality"] == "audio"
     assert {r["resid"] for r in rows if r["position"] == p} >= {1}
@@ -63,7 +63,7 @@ def test_massive_activation_detected_where_planted(model, media):
 
 
 def test_thresholds_are_checked(model, media):
-    res = sinks(model, model.prepare(**cases(media)["audio"]), layers=[0])
+    res = scan_sinks(model, model.prepare(**cases(media)["audio"]), layers=[0])
     with pytest.raises(InputError, match="threshold"):
         res.sinks(threshold=0)
     with pytest.raises(InputError, match="ratio"):
