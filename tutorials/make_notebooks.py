@@ -957,6 +957,83 @@ ablated
 """),
 ]
 
+
+# ------------------------------------------------------------------------------ 07 steering & representations
+NB07 = [
+    md("""
+# 7 · Steering and representations by modality
+
+The tools 2026 papers on audio(-visual) LLM internals keep re-implementing, with modality and time targeting:
+**steering** a direction at the audio positions (or the last prompt token, or every generated token), **probes**
+with AUROC on the last prompt token, **CKA** between the audio positions' layers and the answer position's,
+**attention sinks / massive activations** per modality, and **token-drop curves** ("remove the audio from
+layer L on"). Each tool is tested against an independent computation (tests/analysis/).
+"""),
+    code(SETUP),
+    code(LOAD),
+    code("""
+import numpy as np
+from av_lens.organism import world
+from av_lens.organism.evaluate import clip_inputs
+
+rng = np.random.default_rng(0)
+def hear(cls, n=8):
+    \"\"\"n audio-only clips of class cls, asked 'what do you hear ?'\"\"\"
+    return clip_inputs(model, [world.make_clip(cls, cls, rng) for _ in range(n)], "hear", "audio")
+
+bark, ring = model.tokenizer.convert_tokens_to_ids(["bark", "ring"])
+says = lambda tok: (lambda logits, _: (logits[:, -1].argmax(-1) == tok).float())
+"""),
+    md("""
+## Steering: make the organism hear *bark* in a *ring*
+
+The direction is the mean residual at the audio positions of *bark* clips minus that of *ring* clips, one row
+per residual-stream index. Added at the audio positions of fresh *ring* clips, one layer at a time: how often
+does the answer become *bark*? The control is a random direction with the same norm per layer.
+"""),
+    code("""
+from av_lens.analysis import mean_difference, random_direction_like, steering_sweep
+
+d = mean_difference(model, hear(0), hear(1), at="audio")
+test = hear(1)
+sweeps = {name: steering_sweep(model, test, direction, "audio", layers=range(cfg.n_layers), coeffs=[0.5, 1, 2],
+                               metric=says(bark), progress=False)
+          for name, direction in (("bark - ring", d), ("random, same norm", random_direction_like(d)))}
+for name, sw in sweeps.items():
+    print(name); print(sw.table())
+sweeps["bark - ring"].view()
+"""),
+    md("""
+Steering works only in the first layers: after them the answer position has already read the audio (see the
+token-drop curve below). The same hooks work in `generate` — `steering_hooks(model, d, "generated", layers=[1])`
+steers every new token.
+
+## Last-prompt-token probes with AUROC
+"""),
+    code("""
+from av_lens.analysis import pooled_residuals, probe_layers
+
+clips = [world.make_clip(int(c), int(c), rng) for c in rng.integers(0, 8, 64)]
+feats = pooled_residuals(model, clip_inputs(model, clips, "hear", "audio"), "last_prompt", per_item=False)
+print(probe_layers(feats, [c.sound for c in clips], n_classes=8).table())
+"""),
+    md("## CKA: audio positions vs the answer position, layer by layer"),
+    code("""
+from av_lens.analysis import cka_matrix
+
+res = cka_matrix(model, [hear(c, 4) for c in range(8)], "audio", "last_prompt",
+                 layers_b=range(1, cfg.n_layers + 1))   # the last token's layer-0 residual is constant
+res.view()
+"""),
+    md("## Sinks, massive activations, and the audio's token-drop curve"),
+    code("""
+from av_lens.analysis import scan_sinks, token_drop_sweep
+
+print(scan_sinks(model, test).table(threshold=0.3, top=5))
+print(token_drop_sweep(model, test, "audio", says(ring), progress=False).table())
+"""),
+]
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": NB01,
     "02_where_does_the_audio_go.ipynb": NB02,
@@ -964,6 +1041,7 @@ NOTEBOOKS = {
     "04_patching_and_ablation.ipynb": NB04,
     "05_inherited_from_the_base.ipynb": NB05,
     "06_your_own_hook.ipynb": NB06,
+    "07_steering_and_representations.ipynb": NB07,
 }
 
 
