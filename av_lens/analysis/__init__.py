@@ -9,6 +9,8 @@ attention_flow              attention mass per layer x head x key modality (no T
 logit_lens                  per-layer top-k / target ranks at a modality's positions
 knockout                    block query->key edges in a layer window; window sweeps; token-drop curves
 patching                    activation patching by modality set; sender->receiver path patching
+attribution                 attribution patching (AtP) over every layer x component x set / position
+position_map                map positions between inputs whose layouts differ (for patching and AtP)
 ablation                    head ablation (zero / mean / resample), per-head effect tables
 probes                      linear probes (any selector, e.g. last_prompt) with AUROC and a control task;
                             ridge regression probes
@@ -21,6 +23,7 @@ pairs                       factual/counterfactual pairs, caption-fidelity score
 """
 
 from av_lens.analysis.ablation import head_ablation_hooks, head_effect_table
+from av_lens.analysis.attribution import AttributionResult, attribution_patch
 from av_lens.analysis.attention_flow import AttentionFlow, FlowResult, attention_flow
 from av_lens.analysis.knockout import (SweepResult, from_layer_windows, knockout_hooks, knockout_sweep,
                                        sliding_windows, token_drop_sweep)
@@ -29,6 +32,7 @@ from av_lens.analysis.pairs import (CaptionScorer, KeywordScorer, LLMJudgeScorer
                                     fidelity, organism_pairs, require_aligned)
 from av_lens.analysis.patching import (PatchResult, patch_by_modality, patch_per_position, path_patch,
                                        path_patch_hooks)
+from av_lens.analysis.position_map import PositionMap, position_map
 from av_lens.analysis.probes import (LinearProbe, ProbeResult, RegressionProbeResult, auroc, multiclass_auroc,
                                     pooled_residuals, probe_layers, regression_probe_layers)
 from av_lens.analysis.similarity import CKAAccumulator, CKAResult, cka_matrix, linear_cka

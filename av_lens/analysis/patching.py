@@ -101,10 +101,17 @@ def _quiet_tl(progress: bool):
 def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
                       components: Sequence[str] = ("resid_pre", "attn_out", "mlp_out"),
                       sets: Sequence[str] | dict[str, SelectorLike] = ("audio", "video", "text"),
-                      layers=None, progress: bool = True) -> PatchResult:
-    """Patch each component at each layer, at the positions of each set, from ``clean`` into ``corrupted``."""
+                      layers=None, progress: bool = True, position_map=None) -> PatchResult:
+    """Patch each component at each layer, at the positions of each set, from ``clean`` into ``corrupted``.
+
+    With ``position_map`` (:func:`av_lens.analysis.position_map.position_map`) the inputs need not be aligned:
+    sets select positions of the *corrupted* layout, and each mapped position receives the mean of its clean
+    source positions' activations (unmapped positions are left as they are)."""
     clean, corrupted = model.encode(model.to_input(clean)), model.encode(model.to_input(corrupted))
-    check_aligned(clean, corrupted)
+    if position_map is None:
+        check_aligned(clean, corrupted)
+    else:
+        _check_map(position_map, clean, corrupted)
     sets = {s: s for s in sets} if not isinstance(sets, dict) else dict(sets)
     if not sets:
         raise InputError("no position sets given", "pass e.g. sets=('audio', 'video', 'text')")
@@ -112,7 +119,14 @@ def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor
     if unknown:
         raise InputError(f"unknown patching components {unknown}", f"use some of {sorted(COMPONENTS)}")
     layers = check_layers(model, layers)
-    masks = _set_masks(clean.layout, sets)
+    masks = _set_masks(corrupted.layout if position_map is not None else clean.layout, sets)
+    if position_map is not None:
+        masks = [m & position_map.mapped for m in masks]
+        empty = [name for name, m in zip(sets, masks) if not m.any()]
+        if empty:
+            raise InputError(f"no position of the patching set(s) {empty} is mapped to the clean input",
+                             "check the map (position_map(..., unmatched='skip') leaves positions unmapped) or "
+                             "patch other sets")
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(clean, names_filter=lambda n: any(
             n.endswith("hook_" + COMPONENTS[c][0]) for c in components))
@@ -125,6 +139,8 @@ def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor
         def setter(corrupted_act, index, clean_act):
             m = masks[index[-1]].to(corrupted_act.device)
             clean_act = clean_act.to(corrupted_act.device)  # a cache gathered elsewhere (placed models)
+            if position_map is not None:
+                clean_act = position_map.gather(clean_act)
             if per_head:
                 h = index[1]
                 corrupted_act[:, :, h][m] = clean_act[:, :, h][m].to(corrupted_act.dtype)
@@ -142,6 +158,13 @@ def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor
         shape = (len(layers), model.cfg.n_heads, len(sets)) if per_head else (len(layers), len(sets))
         values[comp] = flat.detach().float().cpu().reshape(shape)
     return PatchResult(values, list(sets), layers, clean_metric, corrupted_metric)
+
+
+def _check_map(pm, clean, corrupted) -> None:
+    if pm.src.shape[:2] != tuple(corrupted.layout.shape) or pm.clean_len != clean.layout.shape[1]:
+        raise InputError(f"the position map is for {pm.clean_len} clean and {pm.src.shape[1]} corrupted positions, "
+                         f"but the inputs have {clean.layout.shape[1]} and {corrupted.layout.shape[1]}",
+                         "build the map from these two inputs: position_map(clean, corrupted)")
 
 
 def patch_per_position(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
