@@ -191,3 +191,33 @@ def test_attribution_refusals(model, media):
         attribution_patch(model, clean, corrupted, _metric, components=("q",))
     with pytest.raises(InputError, match="matches no position"):
         attribution_patch(model, clean, corrupted, _metric, sets=("image",))
+
+
+def test_edge_attribution_equals_path_patching_on_a_linearised_model(model, media):
+    from av_lens.analysis.attribution import edge_attribution
+    from av_lens.analysis.patching import path_patch
+
+    clean, corrupted = _pair(model, media)
+    with model.hooks(fwd_hooks=_freeze_hooks(model, corrupted)):
+        eap = edge_attribution(model, clean, corrupted, _metric, senders=SETS, receivers=("last_prompt", "text"))
+        ig = edge_attribution(model, clean, corrupted, _metric, senders=SETS, receivers=("last_prompt",), ig_steps=3)
+        for r, recv in enumerate(("last_prompt", "text")):
+            for s, send in enumerate(SETS):
+                exact = path_patch(model, clean, corrupted, _metric, send, recv, heads_per_layer=True)
+                torch.testing.assert_close(eap.effects[:, :, s, r], exact - eap.corrupted, atol=1e-5, rtol=1e-4)
+    assert eap.effects.abs().max() > 1e-3
+    # with the model affine the gradient is the same all along the interpolation: EAP-IG = EAP
+    torch.testing.assert_close(ig.effects[..., 0], eap.effects[..., 0], atol=1e-5, rtol=1e-4)
+    assert "->" in eap.table()
+
+
+def test_edge_attribution_refusals(model, media):
+    from av_lens.analysis.attribution import edge_attribution
+
+    clean, corrupted = _pair(model, media)
+    with pytest.raises(InputError, match="ig_steps"):
+        edge_attribution(model, clean, corrupted, _metric, ig_steps=0)
+    with pytest.raises(InputError, match="matches no position"):
+        edge_attribution(model, clean, corrupted, _metric, senders=("image",))
+    with pytest.raises(InputError, match="positions"):
+        edge_attribution(model, clean, model.prepare(text="hi"), _metric)
