@@ -295,12 +295,12 @@ _LORA_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_att
 def lora_folder(model, adapter: str) -> Path:
     """The folder of a modality adapter: ``adapter`` itself if it is a folder, else ``{adapter}-lora`` (``vision``,
     ``speech``) beside the model's checkpoint."""
-    from av_lens.loading import resolve_folder
+    from av_lens.hub import resolve_folder
 
     p = Path(adapter).expanduser()
     if p.is_dir():
         return p
-    base = resolve_folder(model.cfg.model_name, local_files_only=True)
+    base = resolve_folder(model.cfg.model_name, local_files_only=True, revision=model.cfg.extra.get("revision"))
     for name in (adapter, f"{adapter}-lora"):
         if (base / name).is_dir():
             return base / name
