@@ -49,8 +49,9 @@ def audio_llm_config(hf, tokenizer, audio_token_id: int, architecture: str, mark
             tid = tokenizer.convert_tokens_to_ids(tok)
             if isinstance(tid, int) and tid != tokenizer.unk_token_id:
                 markers[tid] = name
-    tie = getattr(hf, "tie_word_embeddings", None)
-    kw = _text_model_kwargs(text, markers, tie=bool(getattr(text, "tie_word_embeddings", False) if tie is None else tie))
+    # transformers never ties these models' lm_head to the embeddings (no tied-weights keys), whatever the
+    # config's tie_word_embeddings says, so the checkpoint always holds its own lm_head; follow that
+    kw = _text_model_kwargs(text, markers, tie=False)
     head_dim = kw["d_head"]
     kw.update(
         tokens=TokenIds(audio=int(audio_token_id), image=-1, video=-1, audio_bos=-1, audio_eos=-1, vision_bos=-1,
