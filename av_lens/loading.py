@@ -70,7 +70,6 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", model_config=None, local_files_only=None,
                     device_map=None, revision=None):
-    from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
     dtype = _parse_dtype(dtype)
@@ -89,9 +88,9 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e})",
                               "the file is truncated or corrupt; download the checkpoint's config.json again") from e
     adapter = adapter_for(raw, str(folder))
-    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    hf_config = adapter.hf_config(folder, raw)
     thinker_cfg = adapter.thinker_config(hf_config)
-    tokenizer, processor = _load_tokenizer_and_processor(folder)
+    tokenizer, processor = _load_tokenizer_and_processor(folder, hf_config if raw.get("auto_map") else None)
     spec = get_spec(model_config) if model_config is not None else find_spec(name_or_path)
     cfg = adapter.to_av_config(thinker_cfg, tokenizer, dtype=dtype, device=device, model_name=str(name_or_path),
                                system_prompt=spec.system_prompt if spec else None,
@@ -111,18 +110,41 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
     return model
 
 
-def _load_tokenizer_and_processor(folder: Path):
+def _load_tokenizer_and_processor(folder: Path, hf_config=None):
+    """The folder's tokenizer and processor. ``hf_config``: the converted config, passed on for a custom-code
+    config.json (phi4mm) so that transformers does not read that file itself (it would ask for remote code)."""
     tokenizer = processor = None
+    kw = {} if hf_config is None else {"config": hf_config}
     if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kw)
     if (folder / "processor_config.json").exists() or (folder / "preprocessor_config.json").exists():
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+        if hf_config is None:
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+        else:  # a custom-code folder: only a processor class transformers ships is used (no remote code)
+            processor = _native_processor(folder, hf_config)
         tokenizer = getattr(processor, "tokenizer", tokenizer)
     return tokenizer, processor
+
+
+def _native_processor(folder: Path, hf_config):
+    """The processor of a custom-code folder when its processor_config.json names a class transformers ships (e.g.
+    ``Phi4MultimodalProcessor``), else None (the model loads; ``prepare`` then asks for a processor)."""
+    import transformers
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = folder / name
+        if f.exists():
+            try:
+                cls_name = json.loads(f.read_text()).get("processor_class")
+            except ValueError:
+                return None
+            cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
+            return cls.from_pretrained(folder, config=hf_config) if cls is not None else None
+    return None
 
 
 def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:

@@ -301,8 +301,6 @@ def meta_model(source, dtype: torch.dtype | str = torch.bfloat16, revision: str 
 
     ``source``: a checkpoint folder or hub id whose ``config.json`` is at hand (weights are not read), or a
     transformers config object (e.g. ``Qwen2_5OmniThinkerConfig(...)``); ``revision``: the hub branch, tag or commit."""
-    from transformers import AutoConfig
-
     from av_lens.adapters import adapter_for
     from av_lens.hub import resolve_folder
     from av_lens.loading import _default_dtype, _parse_dtype
@@ -313,8 +311,9 @@ def meta_model(source, dtype: torch.dtype | str = torch.bfloat16, revision: str 
         import json
 
         folder = resolve_folder(source, revision=revision)
-        adapter = adapter_for(json.loads((folder / "config.json").read_text()), str(folder))
-        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        raw = json.loads((folder / "config.json").read_text())
+        adapter = adapter_for(raw, str(folder))
+        hf_config = adapter.hf_config(folder, raw)
     else:
         hf_config = source
         adapter = adapter_for({"model_type": getattr(hf_config, "model_type", None)}, type(hf_config).__name__)
