@@ -450,7 +450,8 @@ def config_from_phi4mm(raw: dict):
         raise CheckpointError(f"this phi4mm config.json lacks {e} (embd_layer, audio_processor.config)",
                               "use the complete config.json of microsoft/Phi-4-multimodal-instruct") from e
     renames = {"attention_dim": "hidden_size", "attention_heads": "num_attention_heads",
-               "linear_units": "intermediate_size"}
+               "linear_units": "intermediate_size",
+               "depthwise_seperable_out_channel": "depthwise_separable_out_channel"}  # the published spelling
     for old, new in renames.items():
         if old in audio:
             audio[new] = audio.pop(old)

@@ -105,3 +105,61 @@ def test_config_conversion_names_what_is_missing():
     with pytest.raises(CheckpointError, match="embd_layer"):
         config_from_phi4mm({"model_type": "phi4mm", "hidden_size": 64})
     assert PHI4MM_LORA.fullmatch("model.layers.3.mlp.gate_up_proj.lora_A.speech.weight")
+
+
+def published_phi4mm_config() -> dict:
+    """microsoft/Phi-4-multimodal-instruct's main-branch config.json, in its layout (sizes of the release; the
+    48 longrope factors per list replaced by placeholders of the right length)."""
+    return {
+        "architectures": ["Phi4MMForCausalLM"], "model_type": "phi4mm",
+        "auto_map": {"AutoConfig": "configuration_phi4mm.Phi4MMConfig",
+                     "AutoModelForCausalLM": "modeling_phi4mm.Phi4MMForCausalLM", "AutoTokenizer": "Xenova/gpt-4o"},
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 199999, "eos_token_id": 199999,
+        "pad_token_id": 199999, "embd_pdrop": 0.0, "full_attn_mod": 1, "hidden_act": "silu", "hidden_size": 3072,
+        "initializer_range": 0.02, "intermediate_size": 8192, "interpolate_factor": 1, "lm_head_bias": False,
+        "max_position_embeddings": 131072, "mlp_bias": False, "num_attention_heads": 24, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75,
+        "resid_pdrop": 0.0, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 262144,
+        "rope_scaling": {"type": "longrope", "long_factor": [1.5] * 48, "short_factor": [1.0] * 48},
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 200064,
+        "img_processor": None,
+        "embd_layer": {"embedding_cls": "image_audio",
+                       "audio_embd_layer": {"downsample_rate": 1, "embedding_cls": "audio",
+                                            "enable_gradient_checkpointing": True},
+                       "image_embd_layer": {"crop_size": 448, "embedding_cls": "tune_image",
+                                            "enable_gradient_checkpointing": True, "hd_transform_order": "sub_glb",
+                                            "image_token_compression_cls": "avg_pool_2d", "projection_cls": "mlp",
+                                            "use_hd_transform": True, "with_learnable_separator": True}},
+        "audio_processor": {"name": "cascades", "config": {
+            "activation": "swish", "activation_checkpointing": {"interval": 1, "module": "transformer",
+                                                              "offload": False},
+            "attention_dim": 1024, "attention_heads": 16, "batch_norm": False, "bias_in_glu": True, "causal": True,
+            "chunk_size": -1, "cnn_layer_norm": True, "conv_activation": "swish", "conv_glu_type": "swish",
+            # 768 here (1024 published) so that reading the misspelt field is visible against the default
+            "depthwise_multiplier": 1, "depthwise_seperable_out_channel": 768, "dropout_rate": 0.0,
+            "encoder_embedding_config": {"input_size": 80}, "ext_pw_kernel_size": 1, "ext_pw_out_channel": 1024,
+            "input_layer": "nemo_conv", "input_size": 80, "kernel_size": 3, "left_chunk": 18, "linear_units": 1536,
+            "nemo_conv_settings": {"conv_channels": 1024}, "num_blocks": 24,
+            "relative_attention_bias_args": {"t5_bias_max_distance": 500, "type": "t5"}, "time_reduction": 8}},
+        "speech_lora": {"dp": 0.01, "layer": "((layers.*self_attn\\.(qkv|o)_proj)|(layers.*mlp\\.(gate_up|down)_proj))",
+                        "lora_alpha": 640, "r": 320},
+        "vision_lora": {"dp": 0.0, "layer": "layers.*((self_attn\\.(qkv_proj|o_proj))|(mlp\\.(gate_up|down)_proj))",
+                        "lora_alpha": 512, "r": 256},
+    }
+
+
+def test_published_phi4mm_config_matches_its_model_config():
+    """The main-branch config.json converts (no remote code) to an AVConfig that passes the Phi-4-multimodal YAML
+    check, with the speech encoder's renamed fields and the published token ids."""
+    from av_lens.registry import get_spec
+
+    raw = published_phi4mm_config()
+    adapter = adapter_for(raw, "published")
+    hf = adapter.hf_config(None, raw)
+    assert hf.audio_config.hidden_size == 1024 and hf.audio_config.num_blocks == 24
+    assert hf.audio_config.nemo_conv_channels == 1024 and hf.audio_config.bias_max_distance == 500
+    assert hf.audio_config.depthwise_separable_out_channel == 768  # read from the published (misspelt) field
+    assert hf.vision_config.crop_size == 448 and hf.rope_parameters["rope_type"] == "longrope"
+    cfg = adapter.to_av_config(hf)
+    get_spec("microsoft/Phi-4-multimodal-instruct").check(cfg, "published")
+    assert cfg.rotary_dim == 96 and cfg.tie_word_embeddings
