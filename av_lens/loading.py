@@ -1,7 +1,7 @@
 """Loading checkpoints into a HookedAVTransformer, kept apart from the model code.
 
-1. Resolve a hub id or local folder to a folder (a hub id goes through ``huggingface_hub``'s cache; nothing
-   here downloads when ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
+1. Resolve a hub id or local folder to a folder (:mod:`av_lens.hub`; a hub id, at an optional ``revision``, goes
+   through ``huggingface_hub``'s cache; nothing here downloads when ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``).
 2. Read ``config.json`` with transformers' config classes (no remote code), pick the adapter, convert it
    to an AVConfig, and check it against the model's YAML in ``model_configs/`` when one applies.
 3. Build the model with uninitialised parameters directly in the target dtype and device.
@@ -14,68 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from av_lens.adapters import adapter_for
 from av_lens.errors import CheckpointError
+# resolve_folder and the embedded-checkpoint table live in av_lens.hub (below the adapters); re-exported here
+from av_lens.hub import BUILTIN_CHECKPOINTS, HUB_PATTERNS as _HUB_PATTERNS, resolve_folder  # noqa: F401
 from av_lens.registry import find_spec, get_spec
 
 #: a weight-map value "key[a:b]" names rows a..b-1 (first dimension) of the checkpoint tensor "key"
 _ROW_SLICE = re.compile(r"(.+)\[(\d+):(\d+)\]")
-
-#: names of checkpoints shipped inside the package -> function returning their folder
-BUILTIN_CHECKPOINTS: dict[str, Callable[[], Path]] = {}
-
-
-def _register_organism() -> None:
-    from av_lens.organism import CHECKPOINTS, checkpoint_root
-
-    for name, sub in CHECKPOINTS.items():
-        BUILTIN_CHECKPOINTS[name] = lambda sub=sub: _embedded(checkpoint_root() / sub, name)
-
-
-def _embedded(folder: Path, name: str) -> Path:
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"the embedded checkpoint {name!r} is missing from this installation ({folder})",
-                              "reinstall av-lens, or retrain it: python -m av_lens.organism.train --out DIR "
-                              "and load DIR/organism")
-    return folder
-
-
-_register_organism()
-
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
-
-
-def resolve_folder(name_or_path: str | os.PathLike, local_files_only: bool | None = None) -> Path:
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        return p
-    if p.exists():
-        raise CheckpointError(f"{str(p)!r} is a file, not a checkpoint folder",
-                              "pass the folder that holds config.json and the *.safetensors files")
-    if str(name_or_path) in BUILTIN_CHECKPOINTS:  # checkpoints embedded in the package resolve offline
-        return BUILTIN_CHECKPOINTS[str(name_or_path)]()
-    name = str(name_or_path)
-    if name.count("/") != 1 or name.startswith((".", "/")):
-        raise CheckpointError(f"no checkpoint folder at {name!r}",
-                              "pass an existing local folder or a hub id such as 'Qwen/Qwen2.5-Omni-3B'")
-    if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS, local_files_only=local_files_only))
-    except Exception as e:  # noqa: BLE001 - every hub failure means the same thing to the caller
-        raise CheckpointError(
-            f"could not find {name!r} locally or on the model hub ({type(e).__name__}: {str(e).splitlines()[0]})",
-            "download it first (huggingface-cli download " + name + ") and pass the local folder",
-        ) from e
 
 
 @contextlib.contextmanager
@@ -118,8 +69,7 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", model_config=None, local_files_only=None,
-                    device_map=None):
-    from transformers import AutoConfig
+                    device_map=None, revision=None):
     from transformers.initialization import no_init_weights
 
     dtype = _parse_dtype(dtype)
@@ -128,7 +78,7 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
         raise CheckpointError(f"device {str(device)!r} was asked for but this machine has "
                               f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} usable CUDA device(s)",
                               "pass device='cpu', or a CUDA device that exists (see torch.cuda.device_count())")
-    folder = resolve_folder(name_or_path, local_files_only)
+    folder = resolve_folder(name_or_path, local_files_only, revision=revision)
     cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{folder} has no config.json", "pass a transformers checkpoint folder")
@@ -138,13 +88,14 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e})",
                               "the file is truncated or corrupt; download the checkpoint's config.json again") from e
     adapter = adapter_for(raw, str(folder))
-    hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    hf_config = adapter.hf_config(folder, raw)
     thinker_cfg = adapter.thinker_config(hf_config)
-    tokenizer, processor = _load_tokenizer_and_processor(folder)
+    tokenizer, processor = _load_tokenizer_and_processor(folder, hf_config if raw.get("auto_map") else None)
     spec = get_spec(model_config) if model_config is not None else find_spec(name_or_path)
     cfg = adapter.to_av_config(thinker_cfg, tokenizer, dtype=dtype, device=device, model_name=str(name_or_path),
                                system_prompt=spec.system_prompt if spec else None,
-                               extra={"spec": spec.name} if spec else {})
+                               extra={**({"spec": spec.name} if spec else {}),
+                                      **({"revision": revision} if revision is not None else {})})
     if spec is not None:
         if spec.adapter != adapter.name:
             raise CheckpointError(f"{folder} is a {adapter.name} checkpoint but {spec.name} needs {spec.adapter}",
@@ -159,18 +110,41 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
     return model
 
 
-def _load_tokenizer_and_processor(folder: Path):
+def _load_tokenizer_and_processor(folder: Path, hf_config=None):
+    """The folder's tokenizer and processor. ``hf_config``: the converted config, passed on for a custom-code
+    config.json (phi4mm) so that transformers does not read that file itself (it would ask for remote code)."""
     tokenizer = processor = None
+    kw = {} if hf_config is None else {"config": hf_config}
     if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False, **kw)
     if (folder / "processor_config.json").exists() or (folder / "preprocessor_config.json").exists():
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+        if hf_config is None:
+            processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+        else:  # a custom-code folder: only a processor class transformers ships is used (no remote code)
+            processor = _native_processor(folder, hf_config)
         tokenizer = getattr(processor, "tokenizer", tokenizer)
     return tokenizer, processor
+
+
+def _native_processor(folder: Path, hf_config):
+    """The processor of a custom-code folder when its processor_config.json names a class transformers ships (e.g.
+    ``Phi4MultimodalProcessor``), else None (the model loads; ``prepare`` then asks for a processor)."""
+    import transformers
+
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = folder / name
+        if f.exists():
+            try:
+                cls_name = json.loads(f.read_text()).get("processor_class")
+            except ValueError:
+                return None
+            cls = getattr(transformers, cls_name, None) if isinstance(cls_name, str) else None
+            return cls.from_pretrained(folder, config=hf_config) if cls is not None else None
+    return None
 
 
 def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:

@@ -131,19 +131,20 @@ class HookedAVTransformer(HookedRootModule):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", model_config: str | None = None,
-                        local_files_only: bool | None = None,
+                        local_files_only: bool | None = None, revision: str | None = None,
                         device_map: Mapping[str, str | int | torch.device] | Literal["auto"] | None = None,
                         ) -> "HookedAVTransformer":
         """Load a thinker from a hub id or a local folder (safetensors only), converting weights as they stream.
 
         ``model_config`` names a YAML in ``model_configs/`` to check the checkpoint against (chosen
         automatically for known hub ids such as ``Qwen/Qwen2.5-Omni-3B``). ``device_map`` (a map or ``"auto"``)
-        spreads the model over several devices instead of ``device`` (see :meth:`place`).
+        spreads the model over several devices instead of ``device`` (see :meth:`place`). ``revision`` (a branch,
+        tag or commit) is passed to the hub, e.g. to reach a converted branch of a checkpoint.
         """
         from av_lens.loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, model_config=model_config,
-                               local_files_only=local_files_only, device_map=device_map)
+                               local_files_only=local_files_only, device_map=device_map, revision=revision)
 
     # ------------------------------------------------------------------------------------------- device
     def to(self, *args, **kwargs) -> "HookedAVTransformer":

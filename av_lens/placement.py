@@ -296,24 +296,24 @@ def apply_device_map(model, device_map) -> "object":
 
 
 # ------------------------------------------------------------------------------------------------ meta
-def meta_model(source, dtype: torch.dtype | str = torch.bfloat16):
+def meta_model(source, dtype: torch.dtype | str = torch.bfloat16, revision: str | None = None):
     """A HookedAVTransformer with every tensor on the ``meta`` device (no memory), for planning.
 
     ``source``: a checkpoint folder or hub id whose ``config.json`` is at hand (weights are not read), or a
-    transformers config object (e.g. ``Qwen2_5OmniThinkerConfig(...)``)."""
-    from transformers import AutoConfig
-
+    transformers config object (e.g. ``Qwen2_5OmniThinkerConfig(...)``); ``revision``: the hub branch, tag or commit."""
     from av_lens.adapters import adapter_for
-    from av_lens.loading import _default_dtype, _parse_dtype, resolve_folder
+    from av_lens.hub import resolve_folder
+    from av_lens.loading import _default_dtype, _parse_dtype
     from av_lens.model import HookedAVTransformer
 
     dtype = _parse_dtype(dtype)
     if isinstance(source, (str, os.PathLike)):
         import json
 
-        folder = resolve_folder(source)
-        adapter = adapter_for(json.loads((folder / "config.json").read_text()), str(folder))
-        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        folder = resolve_folder(source, revision=revision)
+        raw = json.loads((folder / "config.json").read_text())
+        adapter = adapter_for(raw, str(folder))
+        hf_config = adapter.hf_config(folder, raw)
     else:
         hf_config = source
         adapter = adapter_for({"model_type": getattr(hf_config, "model_type", None)}, type(hf_config).__name__)

@@ -135,6 +135,19 @@ def _drop(key: str) -> Callable[[dict], None]:
     return lambda w: w.__delitem__(key)
 
 
+_AUDIO_LLMS: dict = {}
+
+
+def _audio_llm(ctx, family: str):
+    """A tiny Qwen2-Audio or Audio Flamingo 3 (built once)."""
+    if family not in _AUDIO_LLMS:
+        from av_lens.testing.tiny_audio import save_tiny_audioflamingo3, save_tiny_qwen2_audio
+
+        save = save_tiny_qwen2_audio if family == "qwen2_audio" else save_tiny_audioflamingo3
+        _AUDIO_LLMS[family] = HookedAVTransformer.from_pretrained(save(ctx.tmp / "ckpt" / family))
+    return _AUDIO_LLMS[family]
+
+
 def _without(inp, *drop: str) -> dict:
     """The processor dict behind an AVInput, minus some entries."""
     return {k: v for k, v in inp.hf_kwargs().items() if k not in ("use_audio_in_video", *drop)}
@@ -360,6 +373,16 @@ CASES: list[Case] = [
          lambda ctx: head_ablation_hooks(ctx.model, [(0, 0)], query="audio")[0][1](torch.zeros(1, 4, 4, 16), None),
          InputError, ("head-ablation hook ran outside a model forward", "run_state is not set"),
          ("model.run_with_hooks", "model.generate(fwd_hooks=...)")),
+    # ---- audio-only LLMs (Qwen2-Audio, Audio Flamingo 3) ----------------------------------------------------
+    Case("audio-llm-given-an-image", "inputs",
+         lambda ctx: _audio_llm(ctx, "qwen2_audio").prepare("What is this?", images=[ctx.media["image"]]),
+         InputError, ("Qwen2AudioForConditionalGeneration", "takes audio only"),
+         ("drop images= / videos= / video_audio=", "Qwen2.5-Omni")),
+    Case("af3-two-clips-in-one-prompt", "inputs",
+         lambda ctx: _audio_llm(ctx, "audioflamingo3").prepare("<sound><sound>Compare.", chat=False,
+                                                               audio=[ctx.media["wav3"], ctx.media["wav3"]]),
+         InputError, ("Audio Flamingo 3's processor takes one clip per prompt", "[2] <sound> placeholders"),
+         ("one clip per prompt",)),
     # ---- loading checkpoints -----------------------------------------------------------------------------------
     Case("load-folder-without-config", "loading", lambda ctx: _load(_bare_folder(ctx, "empty", None)),
          CheckpointError, ("has no config.json",), ("transformers checkpoint folder",)),
@@ -371,8 +394,12 @@ CASES: list[Case] = [
              _bare_folder(ctx, "custom", json.dumps({"model_type": "my_custom_avllm",
                                                      "auto_map": {"AutoModel": "modeling_custom.CustomAV"}}))),
          CheckpointError, ("holds a my_custom_avllm checkpoint", "not a supported audio-visual model"),
-         ("model_type is one of ['gemma3n', 'phi4_multimodal', 'qwen2_5_omni', 'qwen2_5_omni_thinker', 'qwen2_5_vl', 'qwen3_omni_moe', "
-          "'qwen3_omni_moe_thinker']",)),
+         ("model_type is one of ['audioflamingo3', 'gemma3n', 'phi4_multimodal', 'phi4mm', 'qwen2_5_omni', "
+          "'qwen2_5_omni_thinker', 'qwen2_5_vl', 'qwen2_audio', 'qwen3_omni_moe', 'qwen3_omni_moe_thinker']",)),
+    Case("load-phi4mm-config-incomplete", "loading",
+         lambda ctx: _load(_bare_folder(ctx, "phi4mm", json.dumps({"model_type": "phi4mm", "hidden_size": 64}))),
+         CheckpointError, ("this phi4mm config.json lacks 'embd_layer'",),
+         ("complete config.json of microsoft/Phi-4-multimodal-instruct",)),
     Case("load-text-only-llm", "loading",
          lambda ctx: _load(
              _bare_folder(ctx, "llama", json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))),

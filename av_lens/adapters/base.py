@@ -64,6 +64,21 @@ class Adapter:
     #: (Gemma-3n): {"embed": module, "block": fn(layer) -> module, "stream": module with enter/exit/cap}; a key left
     #: out keeps the standard part (None: all standard)
     backbone: Callable[[Any, Any], dict] | None = None
+    #: config.json (as a dict) -> transformers config, for checkpoint formats transformers cannot read without
+    #: remote code (Phi-4-multimodal's published ``phi4mm``); None (or a None result): ``AutoConfig.from_pretrained``
+    config_from_dict: Callable[[dict], Any] | None = None
+    #: prefix-stripped checkpoint key -> the key this adapter expects, or None for a tensor deliberately skipped
+    #: (applied after ``rename_prefixes``; e.g. the published phi4mm names -> transformers' names)
+    key_map: Callable[[str], str | None] | None = None
+
+    def hf_config(self, folder, raw: dict):
+        """The transformers config of a checkpoint folder whose config.json is ``raw`` (no remote code run)."""
+        hf = self.config_from_dict(raw) if self.config_from_dict is not None else None
+        if hf is not None:
+            return hf
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
 
     def expected_keys(self, n_layers: int, tied: bool, cfg: Any = None) -> dict[str, str]:
         """av_lens parameter name -> checkpoint key (prefix-stripped) for the backbone."""
@@ -77,7 +92,7 @@ class Adapter:
         return keys
 
     def strip(self, key: str) -> str | None:
-        """The checkpoint key without its container prefix, or None when it is to be skipped."""
+        """The checkpoint key without its container prefix (renamed, mapped), or None when it is to be skipped."""
         if any(key.startswith(p) for p in self.skip_prefixes):
             return None
         for p in self.strip_prefixes:
@@ -86,8 +101,9 @@ class Adapter:
                 break
         for old, new in self.rename_prefixes:
             if key.startswith(old):
-                return new + key[len(old):]
-        return key
+                key = new + key[len(old):]
+                break
+        return key if self.key_map is None else self.key_map(key)
 
 
 _REGISTRY: dict[str, Adapter] = {}

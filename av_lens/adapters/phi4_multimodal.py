@@ -22,6 +22,12 @@ What differs from the Qwen models, and where av_lens handles it:
   [n_images, n_crops, 3, 448, 448]), ``image_encoder.blocks.{i}.hook_out`` for the SigLIP layers that feed the
   features (``feature_layer`` -2: all but the last), ``audio_encoder.hook_in`` (log-mel [n_audio, frames, 80]),
   ``audio_encoder.blocks.{i}.hook_out`` (conformer layers), and ``*.hook_out`` [n_tokens, d_model].
+* **Two checkpoint formats.** The transformers format (``phi4_multimodal``, e.g. a converted branch reached with
+  ``from_pretrained(..., revision=...)``) and the custom-code format published on the main branch (``phi4mm``):
+  its config.json is converted to a ``Phi4MultimodalConfig`` by :func:`config_from_phi4mm` and its tensor names by
+  :func:`phi4mm_key` (no remote code runs). The phi4mm file also holds both LoRA adapters' A/B matrices beside each
+  targeted weight (``...qkv_proj.base_layer.weight``, ``...qkv_proj.lora_A.speech.weight``): the base weights load,
+  the LoRA matrices are deliberately skipped (fold an adapter with :func:`merge_lora` from a PEFT folder).
 * **Modality LoRA adapters** (``vision-lora/``, ``speech-lora/`` in PEFT format): :func:`merge_lora` folds
   ``alpha/r * B @ A`` of one adapter into the weights (read from the adapter's safetensors and
   ``adapter_config.json``; no peft needed).
@@ -295,12 +301,12 @@ _LORA_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_att
 def lora_folder(model, adapter: str) -> Path:
     """The folder of a modality adapter: ``adapter`` itself if it is a folder, else ``{adapter}-lora`` (``vision``,
     ``speech``) beside the model's checkpoint."""
-    from av_lens.loading import resolve_folder
+    from av_lens.hub import resolve_folder
 
     p = Path(adapter).expanduser()
     if p.is_dir():
         return p
-    base = resolve_folder(model.cfg.model_name, local_files_only=True)
+    base = resolve_folder(model.cfg.model_name, local_files_only=True, revision=model.cfg.extra.get("revision"))
     for name in (adapter, f"{adapter}-lora"):
         if (base / name).is_dir():
             return base / name
@@ -378,9 +384,110 @@ def merge_lora(model, adapter: str) -> "object":
     return model
 
 
+# --------------------------------------------------------------------------------------------- phi4mm format
+#: published phi4mm tensor names -> transformers' (first match wins); see transformers'
+#: convert_phi4_multimodal_weights_to_hf.py for the same correspondence
+_E = r"model\.embed_tokens_extend\."
+_PHI4MM_KEYS = [(re.compile(a), b) for a, b in (
+    (_E + r"audio_embed\.encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.net\.0\.linear\.",
+     r"model.embed_tokens_extend.audio_embed.encoder.encoders.\1.feed_forward_\2.gate_up_proj."),
+    (_E + r"audio_embed\.encoder\.encoders\.(\d+)\.feed_forward_(in|out)\.net\.2\.",
+     r"model.embed_tokens_extend.audio_embed.encoder.encoders.\1.feed_forward_\2.down_proj."),
+    (_E + r"audio_embed\.encoder\.encoders\.(\d+)\.self_attn\.linear_(q|k|v)\.",
+     r"model.embed_tokens_extend.audio_embed.encoder.encoders.\1.self_attn.\2_proj."),
+    (_E + r"audio_embed\.encoder\.encoders\.(\d+)\.self_attn\.linear_out\.",
+     r"model.embed_tokens_extend.audio_embed.encoder.encoders.\1.self_attn.o_proj."),
+    (_E + r"image_embed\.img_projection\.0\.", "model.embed_tokens_extend.image_embed.img_projection_up."),
+    (_E + r"image_embed\.img_projection\.2\.", "model.embed_tokens_extend.image_embed.img_projection_down."),
+    (_E + r"image_embed\.glb_GN$", "model.embed_tokens_extend.image_embed.global_img_feature_extensor"),
+    (_E + r"image_embed\.sub_GN$", "model.embed_tokens_extend.image_embed.sub_img_feature_extensor"),
+    (_E + r"audio_embed\.audio_projection\.speech\.0\.", "model.embed_tokens_extend.audio_embed.up_proj_for_speech."),
+    (_E + r"audio_embed\.audio_projection\.speech\.2\.", "model.embed_tokens_extend.audio_embed.down_proj_for_speech."),
+    (_E + r"audio_embed\.audio_projection\.vision\.0\.",
+     "model.embed_tokens_extend.audio_embed.up_proj_for_vision_speech."),
+    (_E + r"audio_embed\.audio_projection\.vision\.2\.",
+     "model.embed_tokens_extend.audio_embed.down_proj_for_vision_speech."),
+)]
+#: a LoRA matrix of the phi4mm file (``...<module>.lora_A.<adapter>.weight``): skipped on load
+PHI4MM_LORA = re.compile(r"model\.layers\.\d+\..+\.lora_[AB]\.[A-Za-z0-9_-]+\.weight")
+
+
+def phi4mm_key(key: str) -> str | None:
+    """A published phi4mm tensor name as transformers names it; None for the LoRA matrices (deliberately skipped).
+    Names already in the transformers format pass unchanged (none of the patterns matches them)."""
+    if PHI4MM_LORA.fullmatch(key):
+        return None
+    for pat, new in _PHI4MM_KEYS:
+        out, n = pat.subn(new, key, count=1)
+        if n and pat.match(key):
+            return out
+    return key.replace(".base_layer.", ".")  # the LoRA-wrapped base weights
+
+
+def _fields(cls) -> set[str]:
+    import inspect
+
+    names = set()
+    for klass in inspect.getmro(cls):
+        names |= set(getattr(klass, "__annotations__", {}))
+    return names
+
+
+def config_from_phi4mm(raw: dict):
+    """A ``Phi4MultimodalConfig`` from the published custom-code config.json (``model_type: phi4mm``): the
+    Phi-3-style text fields as they are (``rope_scaling`` + ``rope_theta`` + ``partial_rotary_factor`` become
+    ``rope_parameters``), the speech encoder from ``audio_processor.config`` (attention_dim, attention_heads,
+    linear_units, nemo_conv_settings.conv_channels, relative_attention_bias_args.t5_bias_max_distance renamed),
+    ``embd_layer.audio_embd_layer.downsample_rate``, and the vision fields of ``embd_layer.image_embd_layer``
+    (``crop_size``; the SigLIP sizes are transformers' defaults unless given there). Unknown entries are dropped."""
+    from transformers import Phi4MultimodalAudioConfig, Phi4MultimodalConfig, Phi4MultimodalVisionConfig
+
+    raw = json.loads(json.dumps(raw))  # a deep copy
+    try:
+        embd = raw.pop("embd_layer")
+        audio = dict(raw.pop("audio_processor")["config"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"this phi4mm config.json lacks {e} (embd_layer, audio_processor.config)",
+                              "use the complete config.json of microsoft/Phi-4-multimodal-instruct") from e
+    renames = {"attention_dim": "hidden_size", "attention_heads": "num_attention_heads",
+               "linear_units": "intermediate_size",
+               "depthwise_seperable_out_channel": "depthwise_separable_out_channel"}  # the published spelling
+    for old, new in renames.items():
+        if old in audio:
+            audio[new] = audio.pop(old)
+    if isinstance(audio.get("nemo_conv_settings"), dict):
+        audio["nemo_conv_channels"] = audio.pop("nemo_conv_settings")["conv_channels"]
+    if isinstance(audio.get("relative_attention_bias_args"), dict):
+        audio["bias_max_distance"] = audio.pop("relative_attention_bias_args")["t5_bias_max_distance"]
+    audio_embd, image_embd = embd.get("audio_embd_layer", {}), embd.get("image_embd_layer", {})
+    if "downsample_rate" in audio_embd:
+        audio["downsample_rate"] = audio_embd["downsample_rate"]
+    af, vf = _fields(Phi4MultimodalAudioConfig), _fields(Phi4MultimodalVisionConfig)
+    audio_cfg = Phi4MultimodalAudioConfig(**{k: v for k, v in audio.items() if k in af})
+    vision_cfg = Phi4MultimodalVisionConfig(**{k: v for k, v in image_embd.items() if k in vf})
+    rope = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    if not rope:
+        rope = {"rope_type": scaling.get("rope_type", scaling.get("type", "default")),
+                "rope_theta": float(raw.get("rope_theta", 10000.0)),
+                "partial_rotary_factor": float(raw.get("partial_rotary_factor", 1.0))}
+        for k in ("short_factor", "long_factor"):
+            if k in scaling:
+                rope[k] = scaling[k]
+        if "original_max_position_embeddings" in raw:
+            rope["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
+    tf = _fields(Phi4MultimodalConfig) - {"audio_config", "vision_config", "rope_parameters"}
+    text = {k: v for k, v in raw.items() if k in tf}
+    return Phi4MultimodalConfig(**text, rope_parameters=rope, audio_config=audio_cfg, vision_config=vision_cfg)
+
+
+def _config_from_dict(raw: dict):
+    return config_from_phi4mm(raw) if raw.get("model_type") == "phi4mm" else None  # None: AutoConfig reads it
+
+
 PHI4_MULTIMODAL = register(Adapter(
     name="phi4_multimodal",
-    model_types=("phi4_multimodal",),
+    model_types=("phi4_multimodal", "phi4mm"),
     global_map={"embed.W_E": "model.embed_tokens.weight", "ln_final.w": "model.norm.weight",
                 "unembed.weight": "lm_head.weight"},
     layer_map={
@@ -400,4 +507,6 @@ PHI4_MULTIMODAL = register(Adapter(
     reference_kwargs=reference_kwargs,
     prepare=prepare,
     input_from_processor=input_from_processor,
+    config_from_dict=_config_from_dict,
+    key_map=phi4mm_key,
 ))

@@ -139,3 +139,110 @@ def save_tiny_phi4(folder: str | os.PathLike, spec: TinyPhi4Spec = TinyPhi4Spec(
     for i, (name, r) in enumerate((lora or {}).items()):
         write_tiny_lora(folder / f"{name}-lora", model, r, 2.0 * r, seed=spec.seed + 100 + i)
     return folder
+
+
+# --------------------------------------------------------------------------------------------- phi4mm format
+#: transformers' tensor names -> the published custom-code (phi4mm) ones, as microsoft/Phi-4-multimodal-instruct's
+#: main branch names them (the inverse of av_lens.adapters.phi4_multimodal.phi4mm_key)
+_TO_PHI4MM = [
+    (r"(audio_embed\.encoder\.encoders\.\d+\.feed_forward_(?:in|out))\.gate_up_proj\.", r"\1.net.0.linear."),
+    (r"(audio_embed\.encoder\.encoders\.\d+\.feed_forward_(?:in|out))\.down_proj\.", r"\1.net.2."),
+    (r"(audio_embed\.encoder\.encoders\.\d+\.self_attn)\.(q|k|v)_proj\.", r"\1.linear_\2."),
+    (r"(audio_embed\.encoder\.encoders\.\d+\.self_attn)\.o_proj\.", r"\1.linear_out."),
+    (r"image_embed\.img_projection_up\.", "image_embed.img_projection.0."),
+    (r"image_embed\.img_projection_down\.", "image_embed.img_projection.2."),
+    (r"image_embed\.global_img_feature_extensor$", "image_embed.glb_GN"),
+    (r"image_embed\.sub_img_feature_extensor$", "image_embed.sub_GN"),
+    (r"audio_embed\.up_proj_for_speech\.", "audio_embed.audio_projection.speech.0."),
+    (r"audio_embed\.down_proj_for_speech\.", "audio_embed.audio_projection.speech.2."),
+    (r"audio_embed\.up_proj_for_vision_speech\.", "audio_embed.audio_projection.vision.0."),
+    (r"audio_embed\.down_proj_for_vision_speech\.", "audio_embed.audio_projection.vision.2."),
+]
+
+
+def phi4mm_config(hf_config, lora_ranks: dict[str, int]) -> dict:
+    """A config.json in the published phi4mm layout for a (tiny) ``Phi4MultimodalConfig``: Phi-3-style text fields
+    with ``rope_scaling``, the speech encoder under ``audio_processor.config`` with its own field names, the image
+    embedding under ``embd_layer.image_embd_layer`` (here also holding the shrunk SigLIP sizes, which the published
+    file leaves at their defaults), the LoRA settings, and the custom-code ``auto_map``."""
+    d = hf_config.to_dict()
+    ac, vc = d.pop("audio_config"), d.pop("vision_config")
+    rope = d.pop("rope_parameters")
+    for k in ("architectures", "model_type", "transformers_version", "dtype"):
+        d.pop(k, None)
+    d.update(model_type="phi4mm", architectures=["Phi4MMForCausalLM"], torch_dtype="bfloat16",
+             auto_map={"AutoConfig": "configuration_phi4mm.Phi4MMConfig",
+                       "AutoModelForCausalLM": "modeling_phi4mm.Phi4MMForCausalLM",
+                       "AutoTokenizer": "Xenova/gpt-4o"},
+             rope_theta=rope["rope_theta"], partial_rotary_factor=rope["partial_rotary_factor"],
+             rope_scaling={"type": rope["rope_type"], "short_factor": rope.get("short_factor"),
+                           "long_factor": rope.get("long_factor")} if rope["rope_type"] == "longrope" else None,
+             full_attn_mod=1, interpolate_factor=1, lm_head_bias=False, mlp_bias=False, img_processor=None)
+    d["embd_layer"] = {
+        "embedding_cls": "image_audio",
+        "audio_embd_layer": {"downsample_rate": ac["downsample_rate"], "embedding_cls": "audio",
+                             "enable_gradient_checkpointing": True},
+        "image_embd_layer": {"crop_size": vc["crop_size"], "embedding_cls": "tune_image",
+                             "enable_gradient_checkpointing": True, "hd_transform_order": "sub_glb",
+                             "image_token_compression_cls": "avg_pool_2d", "projection_cls": "mlp",
+                             "use_hd_transform": True, "with_learnable_separator": True,
+                             **{k: vc[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                   "num_attention_heads", "image_size", "patch_size",
+                                                   "feature_layer", "image_token_id")}},
+    }
+    d["audio_processor"] = {"name": "cascades", "config": {
+        "activation": ac["activation"], "activation_checkpointing": "", "attention_dim": ac["hidden_size"],
+        "attention_heads": ac["num_attention_heads"], "batch_norm": False, "bias_in_glu": True, "causal": True,
+        "chunk_size": ac["chunk_size"], "cnn_layer_norm": True, "conv_activation": ac["conv_activation"],
+        "conv_glu_type": ac["conv_glu_type"], "depthwise_multiplier": ac["depthwise_multiplier"],
+        "depthwise_separable_out_channel": ac["depthwise_separable_out_channel"], "dropout_rate": ac["dropout_rate"],
+        "encoder_embedding_config": {"input_size": ac["input_size"]}, "ext_pw_kernel_size": 1,
+        "ext_pw_out_channel": ac["ext_pw_out_channel"], "input_layer": "nemo_conv", "input_size": ac["input_size"],
+        "kernel_size": ac["kernel_size"], "left_chunk": ac["left_chunk"], "linear_units": ac["intermediate_size"],
+        "nemo_conv_settings": {"conv_channels": ac["nemo_conv_channels"]}, "num_blocks": ac["num_blocks"],
+        "relative_attention_bias_args": {"type": "t5", "t5_bias_max_distance": ac["bias_max_distance"]},
+        "time_reduction": ac["time_reduction"], "audio_token_id": ac["audio_token_id"],
+    }}
+    for name, r in lora_ranks.items():
+        d[f"{name}_lora"] = {"dp": 0.0, "layer": r"((layers.*self_attn\.(qkv|o)_proj)|(layers.*mlp\.(gate_up|down)_proj))",
+                             "lora_alpha": 2 * r, "r": r}
+    return d
+
+
+def save_tiny_phi4mm(folder: str | os.PathLike, spec: TinyPhi4Spec = TinyPhi4Spec(),
+                     lora_ranks: dict[str, int] | None = None) -> Path:
+    """A tiny Phi-4-multimodal written in the published phi4mm layout: its config.json (:func:`phi4mm_config`) and
+    the custom code's tensor names, with each LoRA-targeted decoder weight stored as ``<module>.base_layer.weight``
+    beside random ``<module>.lora_A.<name>.weight`` / ``lora_B`` for each adapter (vision r 4, speech r 6 unless
+    given). The same random weights as :func:`save_tiny_phi4` for ``spec``; tokenizer and processor files are the
+    transformers ones."""
+    import re
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    lora_ranks = {"vision": 4, "speech": 6} if lora_ranks is None else lora_ranks
+    model, tok, proc = build_tiny_hf_phi4(spec)
+    proc.save_pretrained(folder)
+    g = torch.Generator().manual_seed(spec.seed + 50)
+    out = {}
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and spec.tie:
+            continue
+        if key.endswith("rotary_emb.inv_freq") or "original_inv_freq" in key:
+            continue
+        new = key
+        for pat, rep in _TO_PHI4MM:
+            new, n = re.subn(pat, rep, new, count=1)
+            if n:
+                break
+        m = re.fullmatch(r"(model\.layers\.\d+\.(?:self_attn\.(?:qkv|o)_proj|mlp\.(?:gate_up|down)_proj))\.weight", new)
+        if m:
+            new = f"{m.group(1)}.base_layer.weight"
+            for name, r in lora_ranks.items():
+                out[f"{m.group(1)}.lora_A.{name}.weight"] = 0.2 * torch.randn(r, t.shape[1], generator=g)
+                out[f"{m.group(1)}.lora_B.{name}.weight"] = 0.2 * torch.randn(t.shape[0], r, generator=g)
+        out[new] = t.detach().clone().contiguous()
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(phi4mm_config(model.config, lora_ranks), indent=1))
+    return folder
