@@ -136,17 +136,38 @@ class HookedAVTransformer(HookedRootModule):
                         device: str | torch.device = "cpu", model_config: str | None = None,
                         local_files_only: bool | None = None,
                         device_map: Mapping[str, str | int | torch.device] | Literal["auto"] | None = None,
+                        fold_ln: bool = False, center_writing_weights: bool = False, center_unembed: bool = False,
+                        fold_value_biases: bool = False, refactor_factored_attn_matrices: bool = False,
                         ) -> "HookedAVTransformer":
         """Load a thinker from a hub id or a local folder (safetensors only), converting weights as they stream.
 
         ``model_config`` names a YAML in ``model_configs/`` to check the checkpoint against (chosen
         automatically for known hub ids such as ``Qwen/Qwen2.5-Omni-3B``). ``device_map`` (a map or ``"auto"``)
         spreads the model over several devices instead of ``device`` (see :meth:`place`).
+
+        Weights are **unprocessed by default** (unlike TransformerLens, whose ``from_pretrained`` folds and
+        centres them): activations and ablations are the original model's. ``fold_ln``,
+        ``center_writing_weights``, ``center_unembed``, ``fold_value_biases`` and
+        ``refactor_factored_attn_matrices`` ask for TL's processing, with TL's meaning for RMSNorm models
+        (:mod:`av_lens.weights`).
         """
         from av_lens.loading import load_pretrained
+        from av_lens.weights import process_weights
 
-        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, model_config=model_config,
-                               local_files_only=local_files_only, device_map=device_map)
+        if refactor_factored_attn_matrices:  # refused before loading anything
+            process_weights(None, refactor_factored_attn_matrices=True)
+        model = load_pretrained(cls, name_or_path, dtype=dtype, device=device, model_config=model_config,
+                                local_files_only=local_files_only, device_map=device_map)
+        return process_weights(model, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                               center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+
+    @classmethod
+    def from_pretrained_no_processing(cls, name_or_path: str | os.PathLike, **kwargs) -> "HookedAVTransformer":
+        """TL's ``from_pretrained_no_processing``: every processing option off (av_lens's default already)."""
+        for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                  "refactor_factored_attn_matrices"):
+            kwargs[k] = False
+        return cls.from_pretrained(name_or_path, **kwargs)
 
     # ------------------------------------------------------------------------------------------- device
     def to(self, *args, **kwargs) -> "HookedAVTransformer":
@@ -524,9 +545,13 @@ class HookedAVTransformer(HookedRootModule):
     W_out = property(lambda self: self._stack("mlp.W_out"))
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
-        """Sum of the output biases written to the residual stream before ``layer``: zero for Qwen2 (no o_proj or
-        MLP output biases; value biases act through the attention pattern and are part of each head's result)."""
-        return torch.zeros(self.cfg.d_model, device=self.device, dtype=self.cfg.dtype)
+        """TL's ``accumulated_bias``: the output biases written to the residual stream before ``layer`` (the
+        attention's ``b_O`` of each earlier layer, and of ``layer`` itself with ``mlp_input=True``). Zero for an
+        unprocessed Qwen2 (no o_proj or MLP output biases); non-zero after ``fold_value_biases=True``."""
+        total = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.cfg.dtype)
+        for l in range(layer + (1 if mlp_input else 0)):
+            total = total + self.blocks[l].attn.b_O.to(total.device)
+        return total
 
     def tokens_to_residual_directions(self, tokens: int | str | Tensor) -> Tensor:
         """TransformerLens's convention: the unembedding column(s) ``W_U[:, token]`` ([d_model] for one token,
