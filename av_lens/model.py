@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -92,6 +93,51 @@ class AVActivationCache(ActivationCache):
                 err = unknown_hook_error(name, self.model.hook_dict)
             err.key = name
             raise err from None
+
+    @staticmethod
+    def _media_kind(name: str) -> str | None:
+        for kind in _MEDIA_KINDS:
+            if name == f"hook_{kind}_embed" or name.startswith(f"{kind}_encoder."):
+                return kind
+        return None
+
+    def _media_counts(self, kind: str) -> Tensor:
+        from av_lens.layout import Modality
+
+        return (self.layout.modality == int(Modality[kind.upper()])).sum(-1)  # [batch]
+
+    def media_rows(self, name: str, sample: int) -> Tensor:
+        """The rows of an encoder-side entry (``hook_audio_embed``, ``video_encoder.hook_out``, ...; their first
+        axis runs over the media tokens of the whole batch, sample after sample) that belong to ``sample``."""
+        kind = self._media_kind(name)
+        t = self[name]
+        counts = self._media_counts(kind) if kind is not None and self.layout is not None else None
+        if counts is None or t.shape[0] != int(counts.sum()):
+            raise InputError(f"{name!r} is not laid out one row per media token of the batch (shape "
+                             f"{tuple(t.shape)})", "read it whole; per-sample rows exist for hook_{audio,image,video}_embed "
+                             "and the encoders' hook_out")
+        start = int(counts[:sample].sum())
+        return t[start:start + int(counts[sample])]
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "AVActivationCache":
+        """TL's ``apply_slice_to_batch_dim``, aware that encoder-side entries are not batch-major: those with one
+        row per media token are split by sample (:meth:`media_rows`); encoder-internal ones are left out."""
+        from transformer_lens.utilities.slice import Slice
+
+        if not isinstance(batch_slice, Slice):
+            batch_slice = Slice(batch_slice)
+        rows = batch_slice.indices(self.layout.batch_size) if self.layout is not None else None
+        rows = [int(r) % self.layout.batch_size for r in np.atleast_1d(rows)] if rows is not None else None
+        out = {}
+        for name, t in self.cache_dict.items():
+            kind = self._media_kind(name)
+            if kind is None:
+                out[name] = batch_slice.apply(t, dim=0)
+            elif self.layout is not None and t.shape[0] == int(self._media_counts(kind).sum()):
+                out[name] = torch.cat([self.media_rows(name, r) for r in rows]) if rows else t[:0]
+        squeeze = isinstance(batch_slice.slice, int)
+        layout = self.layout.select_batch(rows) if self.layout is not None else None
+        return AVActivationCache(out, self.model, layout, has_batch_dim=not squeeze)
 
 
 class HookedAVTransformer(HookedRootModule):
