@@ -554,8 +554,10 @@ class HookedAVTransformer(HookedRootModule):
         return out, AVActivationCache(cache_dict, self, layout, has_batch_dim=not remove_batch_dim)
 
     # ------------------------------------------------------------------------------------------- generation
-    def generate(self, inputs: AVInput, max_new_tokens: int = 32, **kwargs):
-        """Greedy or sampled continuation with a KV cache; hooks stay active at every step.
+    def generate(self, inputs: AVInput | Tensor | str | list[str], max_new_tokens: int = 32, **kwargs):
+        """Greedy or sampled continuation with a KV cache; hooks stay active at every step. Takes
+        TransformerLens's keywords (``return_type``, ``use_past_kv_cache``, ``stop_at_eos``, ``eos_token_id``,
+        ``freq_penalty``, ``verbose``, sampling); defaults differ from TL's (greedy, quiet, a Generation).
         See :func:`av_lens.generation.generate`."""
         from av_lens.generation import generate
 
