@@ -172,6 +172,7 @@ class HookedAVTransformer(HookedRootModule):
         object.__setattr__(self, "_rotary", adapter.build_rotary(hf_config))
         self.run_state: RunState | None = None
         self.device_map: dict[str, torch.device] | None = None  # set by place() when parts sit on several devices
+        self.router = None  # set by place(): an object whose route() moves one forward's tensors between devices
         #: id(tokens) -> (weakref to the tensor to_tokens returned, its attention mask)
         self._made_tokens: dict[int, tuple[weakref.ref, Tensor]] = {}
         self.setup()
@@ -221,7 +222,7 @@ class HookedAVTransformer(HookedRootModule):
         out = super().to(*args, **kwargs)
         if device is not None:
             self.cfg.device = torch.device(device)
-            self.device_map = None  # everything is on one device again
+            self.device_map = self.router = None  # everything is on one device again
         if dtype is not None:
             self.cfg.dtype = dtype
         return out
@@ -238,16 +239,18 @@ class HookedAVTransformer(HookedRootModule):
         devices, logits come out on the unembedding's device."""
         return self.embed.W_E.device
 
+    #: how :meth:`place` spreads a model over devices: ``placer(model, device_map) -> model``, which leaves a
+    #: ``router`` on the model. The placement code (``av_lens.placement``) provides it; the model does not import it.
+    placer = None
+
     def place(self, device_map: Mapping[str, str | int | torch.device] | Literal["auto"]) -> "HookedAVTransformer":
         """Spread the model over devices: ``device_map`` maps ``"embed"``, ``"blocks.{l}"`` (and optionally the
         towers, ``"ln_final"``, ``"unembed"``) to devices; ``"auto"`` plans over the visible GPUs. Hooks, caches
         and analyses keep working; see :mod:`av_lens.placement` (and ``plan_device_map`` to compute a map)."""
-        from av_lens.placement import apply_device_map
-
         if self.stream is not None:
             raise InputError(f"{self.cfg.original_architecture} cannot be spread over devices yet (its AltUp state "
                              "and per-layer inputs are not routed between devices)", "load it on one device")
-        return apply_device_map(self, device_map)
+        return type(self).placer(self, device_map)
 
     # ------------------------------------------------------------------------------------------- inputs
     def prepare(self, text: str | list[str] | None = None, **kwargs) -> AVInput:
@@ -432,11 +435,8 @@ class HookedAVTransformer(HookedRootModule):
                           deepstack=self.run_state.deepstack if self.run_state is not None else None)
         if self.stream is not None:
             return self._run_streams(resid, position_ids, key_mask, ctx, stop_at_layer, input_ids)
-        route = None
-        if self.device_map is not None:  # placed on several devices: move the stream and ctx at boundaries
-            from av_lens.placement import Route
-
-            route = Route(self.device_map)
+        # placed on several devices: the router given by the placement code moves the stream and ctx at boundaries
+        route = self.router.route() if self.router is not None and self.device_map is not None else None
         for l, block in enumerate(self.blocks[:stop_at_layer]):
             if route is not None:
                 resid, ctx = route.enter(f"blocks.{l}", resid, ctx)
