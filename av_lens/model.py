@@ -526,11 +526,32 @@ class HookedAVTransformer(HookedRootModule):
     def _enable_hook_with_name(self, name: str, hook, dir):
         if name not in self.hook_dict:
             raise unknown_hook_error(name, self.hook_dict)
+        self._check_switched(name)
         return super()._enable_hook_with_name(name, hook, dir)
+
+    _SWITCHED = {"hook_q_input": "use_split_qkv_input", "hook_k_input": "use_split_qkv_input",
+                 "hook_v_input": "use_split_qkv_input", "hook_attn_in": "use_attn_in", "hook_mlp_in": "use_hook_mlp_in"}
+
+    def _check_switched(self, name: str) -> None:
+        """As TransformerLens: a hook on a point that only runs behind a switch is refused while it is off
+        (else it would silently never fire)."""
+        flag = self._SWITCHED.get(name.rsplit(".", 1)[-1])
+        if flag is not None and not getattr(self.cfg, flag):
+            raise InputError(f"hook {name!r} runs only with {flag} on, and it is off",
+                             f"call model.set_{flag}(True) first")
+
+    def get_caching_hooks(self, *args, **kwargs):
+        """TL's caching hooks, without the points that cannot fire (their switch is off), as TL caches them."""
+        out = super().get_caching_hooks(*args, **kwargs)
+        ok = lambda name: (flag := self._SWITCHED.get(name.rsplit(".", 1)[-1])) is None or getattr(self.cfg, flag)
+        cache, fwd, bwd = out
+        return cache, [(n, h) for n, h in fwd if ok(n)], [(n, h) for n, h in bwd if ok(n)]
 
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
         if isinstance(name, str) and name not in self.hook_dict:
             raise unknown_hook_error(name, self.hook_dict)
+        if isinstance(name, str):
+            self._check_switched(name)
         return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def _check_names_filter(self, names_filter) -> None:
