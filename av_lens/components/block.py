@@ -22,6 +22,9 @@ from av_lens.config import AVConfig
 
 
 class TransformerBlock(nn.Module):
+    #: read by TransformerLens 4's analysis tools (logit_lens, DLA): hook_resid_post is the one residual stream
+    hook_out_is_single_residual_stream = True
+
     def __init__(self, cfg: AVConfig, layer: int):
         super().__init__()
         self.layer = layer
