@@ -208,6 +208,15 @@ class HookedAVTransformer(HookedRootModule):
         return process_weights(model, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                center_unembed=center_unembed, fold_value_biases=fold_value_biases)
 
+    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+                         refactor_factored_attn_matrices: bool = False, fold_value_biases: bool = True) -> "HookedAVTransformer":
+        """TL's ``process_weights_``, in place, with TL's defaults (see :mod:`av_lens.weights`)."""
+        from av_lens.weights import process_weights
+
+        return process_weights(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                               center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                               refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+
     @classmethod
     def from_pretrained_no_processing(cls, name_or_path: str | os.PathLike, **kwargs) -> "HookedAVTransformer":
         """TL's ``from_pretrained_no_processing``: every processing option off (av_lens's default already)."""
