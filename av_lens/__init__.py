@@ -18,6 +18,7 @@ from av_lens.errors import (AVLensError, CheckpointError, HookNameError, InputEr
 from av_lens.inputs import AVInput  # noqa: E402
 from av_lens.layout import MediaItem, MediaSpec, Modality, ModalityLayout, S, Sel, TokenIds, build_layout  # noqa: E402
 from av_lens.model import AVActivationCache, HookedAVTransformer, RunState  # noqa: E402
+from av_lens import placement as _placement  # noqa: E402,F401  (gives HookedAVTransformer.place its placer)
 
 __version__ = "0.1.0"
 __all__ = [

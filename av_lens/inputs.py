@@ -27,6 +27,38 @@ _TENSOR_FIELDS = ("input_ids", "attention_mask", "input_features", "feature_atte
                   "image_grid_thw", "pixel_values_videos", "video_grid_thw", "video_second_per_grid")
 
 
+def _cumstarts(sizes: list[int]) -> list[int]:
+    out, acc = [], 0
+    for n in sizes:
+        out.append(acc)
+        acc += n
+    return out
+
+
+def _out_of_range(i: int, n: int) -> int:
+    raise IndexError(f"sample {i} is out of range for a batch of {n}")
+
+
+def _repeat_layout(layout: ModalityLayout, rows: list[int]) -> ModalityLayout:
+    return _cat_layouts([layout.select_batch([r]) for r in rows])
+
+
+def _cat_layouts(layouts: list[ModalityLayout]) -> ModalityLayout:
+    """Layouts of equal length joined along the batch (items' samples and global indices shifted)."""
+    first = layouts[0]
+    items, offset, g = [], 0, {}
+    for L in layouts:
+        for it in sorted(L.items, key=lambda it: it.global_index):
+            items.append(replace(it, sample=it.sample + offset, global_index=g.get(it.modality, 0) + it.global_index))
+        for m in {it.modality for it in L.items}:
+            g[m] = g.get(m, 0) + sum(1 for it in L.items if it.modality == m)
+        offset += L.batch_size
+    cat = lambda name, dim=0: torch.cat([getattr(L, name) for L in layouts], dim)
+    return replace(first, modality=cat("modality"), item=cat("item"), time=cat("time"),
+                   position_ids=cat("position_ids", 1), attention_mask=cat("attention_mask"),
+                   token_ids=cat("token_ids"), rope_deltas=cat("rope_deltas"), items=tuple(items))
+
+
 def checked_ids_and_mask(data: Mapping[str, Any]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """``input_ids`` ([batch, pos], long) and ``attention_mask`` (ones when absent) from a processor output,
     or an :class:`InputError` naming what is wrong with them."""
@@ -71,8 +103,116 @@ class AVInput:
     def shape(self) -> torch.Size:
         return self.input_ids.shape
 
+    def size(self, dim: int | None = None):
+        return self.input_ids.size() if dim is None else self.input_ids.size(dim)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def dim(self) -> int:
+        return 2
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def __getitem__(self, index):
+        """Batch indexing as on a [batch, pos] token tensor: ``inputs[i]``, ``inputs[[1, 0]]``, ``inputs[:2]``, a
+        bool or index tensor give the sub-batch as an AVInput (with its media, encoder outputs and layout; an int
+        keeps the batch dimension, unlike a tensor). A tuple (``inputs[0, 5:]``) indexes the token ids."""
+        if isinstance(index, tuple):
+            return self.input_ids[index]
+        n = len(self)
+        if isinstance(index, Tensor):
+            index = index.nonzero().squeeze(-1).tolist() if index.dtype == torch.bool else index.reshape(-1).tolist()
+        if isinstance(index, slice):
+            rows = list(range(n))[index]
+        elif isinstance(index, int):
+            if not -n <= index < n:
+                raise IndexError(f"sample {index} is out of range for a batch of {n}")
+            rows = [index % n]
+        else:
+            rows = [int(i) % n if -n <= int(i) < n else _out_of_range(int(i), n) for i in index]
+        return self.select(rows)
+
+    def select(self, rows: list[int]) -> "AVInput":
+        """The samples ``rows`` (in that order; repeats allowed) as an AVInput."""
+        from av_lens.layout import Modality
+
+        if self.extra:
+            raise InputError(f"this input carries model-specific processor outputs ({', '.join(sorted(self.extra))}) "
+                             "that cannot be split by sample", "prepare each sample separately with model.prepare")
+        items = self.layout.items
+        kw: dict[str, Any] = {"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows]}
+        enc: dict[str, Tensor] = {}
+        new_items = []
+        for kind, m in (("audio", Modality.AUDIO), ("image", Modality.IMAGE), ("video", Modality.VIDEO)):
+            its = sorted((it for it in items if it.modality == m), key=lambda it: it.global_index)
+            tok_start = dict(zip([it.global_index for it in its], _cumstarts([it.n_tokens for it in its])))
+            picked = [it for r in rows for it in its if it.sample == r]
+            gis = [it.global_index for it in picked]
+            if kind == "audio" and self.input_features is not None:
+                kw["input_features"] = self.input_features[gis] if gis else None
+                kw["feature_attention_mask"] = self.feature_attention_mask[gis] if gis else None
+            if kind in ("image", "video") and not gis:
+                pv, grid = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
+                kw[pv] = kw[grid] = None
+                if kind == "video":
+                    kw["video_second_per_grid"] = None
+            elif kind in ("image", "video"):
+                pv, grid = ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
+                if getattr(self, pv) is not None:
+                    g = getattr(self, grid)
+                    sizes = [int(x) for x in g.prod(-1)]
+                    starts = _cumstarts(sizes)
+                    kw[pv] = torch.cat([getattr(self, pv)[starts[i]:starts[i] + sizes[i]] for i in gis])
+                    kw[grid] = g[gis]
+                    if kind == "video" and self.video_second_per_grid is not None:
+                        kw["video_second_per_grid"] = self.video_second_per_grid[gis]
+            for key, t in self.encoder_outputs.items():
+                if key == kind or key == f"{kind}_deepstack":
+                    dim = 1 if key.endswith("_deepstack") else 0
+                    parts = [t.narrow(dim, tok_start[i], next(it.n_tokens for it in its if it.global_index == i))
+                             for i in gis]
+                    if parts:
+                        enc[key] = torch.cat(parts, dim)
+        layout = self.layout.select_batch(rows) if len(set(rows)) == len(rows) else _repeat_layout(self.layout, rows)
+        # renumber each modality's global index in the new processor order (rows order, then position order)
+        order: dict = {}
+        for it in sorted(layout.items, key=lambda it: (it.sample, it.index)):
+            order.setdefault(it.modality, []).append(it)
+        renum = {id(it): k for m_items in order.values() for k, it in enumerate(m_items)}
+        layout = replace(layout, items=tuple(replace(it, global_index=renum[id(it)]) for it in layout.items))
+        return replace(self, layout=layout, encoder_outputs=enc, **kw)
+
+    @classmethod
+    def cat(cls, inputs: "list[AVInput]") -> "AVInput":
+        """Concatenate inputs along the batch (``torch.cat([clean, corrupt])`` does the same): each must have the
+        same sequence length and ``use_audio_in_video``; media, encoder outputs and layouts are joined."""
+        inputs = list(inputs)
+        first = inputs[0]
+        for x in inputs[1:]:
+            if x.shape[1] != first.shape[1] or x.use_audio_in_video != first.use_audio_in_video or x.extra or first.extra:
+                raise InputError(f"cannot concatenate inputs of {first.shape[1]} and {x.shape[1]} positions "
+                                 f"(use_audio_in_video {first.use_audio_in_video} / {x.use_audio_in_video})",
+                                 "concatenate inputs of equal length and audio-in-video setting (prepare them as one "
+                                 "padded batch with model.prepare([...]) otherwise)")
+            if sorted(x.encoder_outputs) != sorted(first.encoder_outputs):
+                raise InputError("cannot concatenate an encoded input with one that is not encoded",
+                                 "call model.encode(...) on all of them, or on none")
+        kw: dict[str, Any] = {}
+        for name in _TENSOR_FIELDS:
+            vals = [getattr(x, name) for x in inputs if getattr(x, name) is not None]
+            kw[name] = torch.cat(vals) if vals else None
+        enc = {k: torch.cat([x.encoder_outputs[k] for x in inputs], 1 if k.endswith("_deepstack") else 0)
+               for k in first.encoder_outputs}
+        return replace(first, layout=_cat_layouts([x.layout for x in inputs]), encoder_outputs=enc, **kw)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.cat and not (kwargs or {}).get("dim", 0) and (len(args) < 2 or args[1] == 0):
+            return cls.cat(args[0])
+        return NotImplemented
 
     @property
     def device(self) -> torch.device:

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -92,6 +94,51 @@ class AVActivationCache(ActivationCache):
             err.key = name
             raise err from None
 
+    @staticmethod
+    def _media_kind(name: str) -> str | None:
+        for kind in _MEDIA_KINDS:
+            if name == f"hook_{kind}_embed" or name.startswith(f"{kind}_encoder."):
+                return kind
+        return None
+
+    def _media_counts(self, kind: str) -> Tensor:
+        from av_lens.layout import Modality
+
+        return (self.layout.modality == int(Modality[kind.upper()])).sum(-1)  # [batch]
+
+    def media_rows(self, name: str, sample: int) -> Tensor:
+        """The rows of an encoder-side entry (``hook_audio_embed``, ``video_encoder.hook_out``, ...; their first
+        axis runs over the media tokens of the whole batch, sample after sample) that belong to ``sample``."""
+        kind = self._media_kind(name)
+        t = self[name]
+        counts = self._media_counts(kind) if kind is not None and self.layout is not None else None
+        if counts is None or t.shape[0] != int(counts.sum()):
+            raise InputError(f"{name!r} is not laid out one row per media token of the batch (shape "
+                             f"{tuple(t.shape)})", "read it whole; per-sample rows exist for hook_{audio,image,video}_embed "
+                             "and the encoders' hook_out")
+        start = int(counts[:sample].sum())
+        return t[start:start + int(counts[sample])]
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "AVActivationCache":
+        """TL's ``apply_slice_to_batch_dim``, aware that encoder-side entries are not batch-major: those with one
+        row per media token are split by sample (:meth:`media_rows`); encoder-internal ones are left out."""
+        from transformer_lens.utilities.slice import Slice
+
+        if not isinstance(batch_slice, Slice):
+            batch_slice = Slice(batch_slice)
+        rows = batch_slice.indices(self.layout.batch_size) if self.layout is not None else None
+        rows = [int(r) % self.layout.batch_size for r in np.atleast_1d(rows)] if rows is not None else None
+        out = {}
+        for name, t in self.cache_dict.items():
+            kind = self._media_kind(name)
+            if kind is None:
+                out[name] = batch_slice.apply(t, dim=0)
+            elif self.layout is not None and t.shape[0] == int(self._media_counts(kind).sum()):
+                out[name] = torch.cat([self.media_rows(name, r) for r in rows]) if rows else t[:0]
+        squeeze = isinstance(batch_slice.slice, int)
+        layout = self.layout.select_batch(rows) if self.layout is not None else None
+        return AVActivationCache(out, self.model, layout, has_batch_dim=not squeeze)
+
 
 class HookedAVTransformer(HookedRootModule):
     """A hooked audio-visual LLM thinker. Build it with :meth:`from_pretrained`."""
@@ -125,6 +172,9 @@ class HookedAVTransformer(HookedRootModule):
         object.__setattr__(self, "_rotary", adapter.build_rotary(hf_config))
         self.run_state: RunState | None = None
         self.device_map: dict[str, torch.device] | None = None  # set by place() when parts sit on several devices
+        self.router = None  # set by place(): an object whose route() moves one forward's tensors between devices
+        #: id(tokens) -> (weakref to the tensor to_tokens returned, its attention mask)
+        self._made_tokens: dict[int, tuple[weakref.ref, Tensor]] = {}
         self.setup()
 
     # ------------------------------------------------------------------------------------------- loading
@@ -133,6 +183,8 @@ class HookedAVTransformer(HookedRootModule):
                         device: str | torch.device = "cpu", model_config: str | None = None,
                         local_files_only: bool | None = None, revision: str | None = None,
                         device_map: Mapping[str, str | int | torch.device] | Literal["auto"] | None = None,
+                        fold_ln: bool = False, center_writing_weights: bool = False, center_unembed: bool = False,
+                        fold_value_biases: bool = False, refactor_factored_attn_matrices: bool = False,
                         ) -> "HookedAVTransformer":
         """Load a thinker from a hub id or a local folder (safetensors only), converting weights as they stream.
 
@@ -140,11 +192,39 @@ class HookedAVTransformer(HookedRootModule):
         automatically for known hub ids such as ``Qwen/Qwen2.5-Omni-3B``). ``device_map`` (a map or ``"auto"``)
         spreads the model over several devices instead of ``device`` (see :meth:`place`). ``revision`` (a branch,
         tag or commit) is passed to the hub, e.g. to reach a converted branch of a checkpoint.
+
+        Weights are **unprocessed by default** (unlike TransformerLens, whose ``from_pretrained`` folds and
+        centres them): activations and ablations are the original model's. ``fold_ln``,
+        ``center_writing_weights``, ``center_unembed``, ``fold_value_biases`` and
+        ``refactor_factored_attn_matrices`` ask for TL's processing, with TL's meaning for RMSNorm models
+        (:mod:`av_lens.weights`).
         """
         from av_lens.loading import load_pretrained
+        from av_lens.weights import process_weights
 
-        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, model_config=model_config,
-                               local_files_only=local_files_only, device_map=device_map, revision=revision)
+        if refactor_factored_attn_matrices:  # refused before loading anything
+            process_weights(None, refactor_factored_attn_matrices=True)
+        model = load_pretrained(cls, name_or_path, dtype=dtype, device=device, model_config=model_config,
+                                local_files_only=local_files_only, device_map=device_map, revision=revision)
+        return process_weights(model, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                               center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+
+    def process_weights_(self, fold_ln: bool = True, center_writing_weights: bool = True, center_unembed: bool = True,
+                         refactor_factored_attn_matrices: bool = False, fold_value_biases: bool = True) -> "HookedAVTransformer":
+        """TL's ``process_weights_``, in place, with TL's defaults (see :mod:`av_lens.weights`)."""
+        from av_lens.weights import process_weights
+
+        return process_weights(self, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                               center_unembed=center_unembed, fold_value_biases=fold_value_biases,
+                               refactor_factored_attn_matrices=refactor_factored_attn_matrices)
+
+    @classmethod
+    def from_pretrained_no_processing(cls, name_or_path: str | os.PathLike, **kwargs) -> "HookedAVTransformer":
+        """TL's ``from_pretrained_no_processing``: every processing option off (av_lens's default already)."""
+        for k in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                  "refactor_factored_attn_matrices"):
+            kwargs[k] = False
+        return cls.from_pretrained(name_or_path, **kwargs)
 
     # ------------------------------------------------------------------------------------------- device
     def to(self, *args, **kwargs) -> "HookedAVTransformer":
@@ -152,7 +232,7 @@ class HookedAVTransformer(HookedRootModule):
         out = super().to(*args, **kwargs)
         if device is not None:
             self.cfg.device = torch.device(device)
-            self.device_map = None  # everything is on one device again
+            self.device_map = self.router = None  # everything is on one device again
         if dtype is not None:
             self.cfg.dtype = dtype
         return out
@@ -169,16 +249,18 @@ class HookedAVTransformer(HookedRootModule):
         devices, logits come out on the unembedding's device."""
         return self.embed.W_E.device
 
+    #: how :meth:`place` spreads a model over devices: ``placer(model, device_map) -> model``, which leaves a
+    #: ``router`` on the model. The placement code (``av_lens.placement``) provides it; the model does not import it.
+    placer = None
+
     def place(self, device_map: Mapping[str, str | int | torch.device] | Literal["auto"]) -> "HookedAVTransformer":
         """Spread the model over devices: ``device_map`` maps ``"embed"``, ``"blocks.{l}"`` (and optionally the
         towers, ``"ln_final"``, ``"unembed"``) to devices; ``"auto"`` plans over the visible GPUs. Hooks, caches
         and analyses keep working; see :mod:`av_lens.placement` (and ``plan_device_map`` to compute a map)."""
-        from av_lens.placement import apply_device_map
-
         if self.stream is not None:
             raise InputError(f"{self.cfg.original_architecture} cannot be spread over devices yet (its AltUp state "
                              "and per-layer inputs are not routed between devices)", "load it on one device")
-        return apply_device_map(self, device_map)
+        return type(self).placer(self, device_map)
 
     # ------------------------------------------------------------------------------------------- inputs
     def prepare(self, text: str | list[str] | None = None, **kwargs) -> AVInput:
@@ -187,12 +269,21 @@ class HookedAVTransformer(HookedRootModule):
 
         return prepare(self, text, **kwargs)
 
-    def to_input(self, x: AVInput | Tensor | str | list[str] | Mapping, *, use_audio_in_video: bool | None = None) -> AVInput:
-        """Coerce what a caller passed (AVInput, token ids, a string, a processor-output dict) to an AVInput."""
+    def to_input(self, x: AVInput | Tensor | str | list[str] | Mapping, *, use_audio_in_video: bool | None = None,
+                 attention_mask: Tensor | None = None, prepend_bos: bool | None = None,
+                 padding_side: Literal["left", "right"] | None = None) -> AVInput:
+        """Coerce what a caller passed (AVInput, token ids, a string, a processor-output dict) to an AVInput.
+
+        Token ids carry their attention mask as TransformerLens infers it: the mask ``to_tokens`` returned them
+        with when they are that very tensor, else ``attention_mask`` when given, else pads are found as
+        TransformerLens's ``get_attention_mask`` finds them (leading pad tokens for left padding, trailing ones
+        for right padding, ``padding_side`` defaulting to the tokenizer's). Pads are then never attended to."""
         if isinstance(x, AVInput):
             return x
         if isinstance(x, (str, list)) and (isinstance(x, str) or all(isinstance(s, str) for s in x)):
-            return self.prepare(x, chat=False)
+            if prepend_bos is None and padding_side is None:
+                return self.prepare(x, chat=False)
+            x = self.to_tokens(x, prepend_bos=prepend_bos, padding_side=padding_side)
         if isinstance(x, Mapping) and self.adapter.input_from_processor is not None:
             return self.adapter.input_from_processor(self, x).to(self.device)
         if isinstance(x, Mapping):
@@ -203,11 +294,41 @@ class HookedAVTransformer(HookedRootModule):
                 rope_rules=self.cfg.rope_rules, audio_n_window=self.cfg.audio_n_window,
             ).to(self.device)
         if isinstance(x, Tensor):
-            return AVInput.from_processor_output({"input_ids": x}, self.cfg.tokens,
+            ids = x[None] if x.ndim == 1 else x
+            mask = attention_mask if attention_mask is not None else self._token_mask(ids, prepend_bos, padding_side)
+            return AVInput.from_processor_output({"input_ids": ids, "attention_mask": mask}, self.cfg.tokens,
                                                  spatial_merge_size=self.cfg.spatial_merge_size,
                                                  rope_rules=self.cfg.rope_rules, audio_n_window=self.cfg.audio_n_window)
         raise InputError(f"cannot run the model on a {type(x).__name__}",
                          "pass an AVInput from model.prepare(...), token ids [batch, pos], a string, or a processor dict")
+
+    def _token_mask(self, ids: Tensor, prepend_bos: bool | None, padding_side: str | None) -> Tensor:
+        """The attention mask of a token tensor: the one to_tokens made it with, or TransformerLens's rule."""
+        ref = self._made_tokens.get(id(ids))
+        if ref is not None and ref[0]() is ids:
+            return ref[1].to(ids.device)
+        from av_lens.utils import get_attention_mask
+
+        if self.tokenizer is None or self.tokenizer.pad_token_id is None:
+            return torch.ones_like(ids)
+        return get_attention_mask(self.tokenizer, ids, self._prepend_bos(prepend_bos),
+                                  padding_side=padding_side or self.tokenizer.padding_side)
+
+    def _prepend_bos(self, prepend_bos: bool | None) -> bool:
+        """TL's default: ``cfg.default_prepend_bos``, True also when the tokenizer itself adds a BOS (Gemma-3n)."""
+        if prepend_bos is not None:
+            return bool(prepend_bos)
+        return self.cfg.default_prepend_bos or self._tokenizer_prepends_bos()
+
+    def _tokenizer_prepends_bos(self) -> bool:
+        tok = self.tokenizer
+        if tok is None or tok.bos_token_id is None:
+            return False
+        if "tokenizer_prepends_bos" not in self.cfg.extra:
+            ids = tok("a")["input_ids"]
+            self.cfg.extra["tokenizer_prepends_bos"] = bool(ids) and ids[0] == tok.bos_token_id
+            self.cfg.tokenizer_prepends_bos = self.cfg.extra["tokenizer_prepends_bos"]
+        return self.cfg.extra["tokenizer_prepends_bos"]
 
     def _check_input(self, inp: AVInput) -> None:
         for kind in _MEDIA_KINDS:
@@ -324,11 +445,8 @@ class HookedAVTransformer(HookedRootModule):
                           deepstack=self.run_state.deepstack if self.run_state is not None else None)
         if self.stream is not None:
             return self._run_streams(resid, position_ids, key_mask, ctx, stop_at_layer, input_ids)
-        route = None
-        if self.device_map is not None:  # placed on several devices: move the stream and ctx at boundaries
-            from av_lens.placement import Route
-
-            route = Route(self.device_map)
+        # placed on several devices: the router given by the placement code moves the stream and ctx at boundaries
+        route = self.router.route() if self.router is not None and self.device_map is not None else None
         for l, block in enumerate(self.blocks[:stop_at_layer]):
             if route is not None:
                 resid, ctx = route.enter(f"blocks.{l}", resid, ctx)
@@ -355,14 +473,18 @@ class HookedAVTransformer(HookedRootModule):
         return self.stream.cap(self.unembed(self.ln_final(self.stream.exit(state))))
 
     def forward(self, input: AVInput | Tensor | str | list[str] | Mapping,
-                return_type: Literal["logits", "loss", "both"] | None = "logits",
-                stop_at_layer: int | None = None, loss_per_token: bool = False):
-        """Run the model. ``input`` is usually an :class:`AVInput` from :meth:`prepare`.
+                return_type: Literal["logits", "loss", "both"] | None = "logits", loss_per_token: bool = False,
+                prepend_bos: bool | None = None, padding_side: Literal["left", "right"] | None = None, *,
+                attention_mask: Tensor | None = None, stop_at_layer: int | None = None):
+        """Run the model. ``input`` is usually an :class:`AVInput` from :meth:`prepare`; token ids, strings and
+        processor dicts are converted by :meth:`to_input` (``prepend_bos``, ``padding_side`` and
+        ``attention_mask`` with TransformerLens's meaning; a token tensor's pads are inferred as TL does).
 
-        Returns logits [batch, pos, d_vocab] (``return_type="logits"``), the mean next-token loss over real
-        tokens (``"loss"``), both, or None; with ``stop_at_layer=l`` the residual stream entering layer l.
+        Returns logits [batch, pos, d_vocab] (``return_type="logits"``), the mean next-token loss over the text
+        targets (``"loss"``; see :meth:`loss_fn`), both, or None; with ``stop_at_layer=l`` the residual stream
+        entering layer l.
         """
-        inp = self.to_input(input)
+        inp = self.to_input(input, attention_mask=attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
         self._check_input(inp)
         dev = self.device
         with self.running(inp.layout, 0, inp.input_ids.shape[1]):
@@ -386,11 +508,26 @@ class HookedAVTransformer(HookedRootModule):
             self.run_state = None
 
     @staticmethod
-    def loss_fn(logits: Tensor, inp: AVInput, per_token: bool = False) -> Tensor:
-        """Next-token cross-entropy on positions whose target is a real text token."""
+    def loss_targets(inp: AVInput) -> Tensor:
+        """[batch, pos - 1] bool: which next-token targets the loss covers — the *text* targets: every target
+        that is a token of the text vocabulary (words and special markers such as ``<|im_end|>`` or
+        ``<|audio_bos|>``) at a real position, predicted from a real position. Audio, image and video placeholder
+        targets (their "token" is a tower output, not a prediction) and pads are excluded. On a text-only input
+        this is exactly TransformerLens's ``lm_cross_entropy_loss(logits, tokens, attention_mask)``."""
+        from av_lens.layout import Modality
+
+        mod = inp.layout.modality[:, 1:]
+        media = (mod == int(Modality.AUDIO)) | (mod == int(Modality.IMAGE)) | (mod == int(Modality.VIDEO))
+        real = inp.attention_mask[:, 1:].bool().cpu() & inp.attention_mask[:, :-1].bool().cpu()
+        return real & ~media & (mod != int(Modality.PAD))
+
+    @classmethod
+    def loss_fn(cls, logits: Tensor, inp: AVInput, per_token: bool = False) -> Tensor:
+        """Next-token cross-entropy on the text targets (:meth:`loss_targets`). ``per_token=True`` gives
+        [batch, pos - 1] with 0 at every excluded target, as TransformerLens masks pads."""
         targets = inp.input_ids[:, 1:].to(logits.device)
         lp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets[..., None])[..., 0]
-        valid = (inp.attention_mask[:, 1:].bool() & inp.attention_mask[:, :-1].bool()).to(logits.device)
+        valid = cls.loss_targets(inp).to(logits.device)
         if per_token:
             return -lp * valid
         return -(lp * valid).sum() / valid.sum().clamp(min=1)
@@ -399,11 +536,32 @@ class HookedAVTransformer(HookedRootModule):
     def _enable_hook_with_name(self, name: str, hook, dir):
         if name not in self.hook_dict:
             raise unknown_hook_error(name, self.hook_dict)
+        self._check_switched(name)
         return super()._enable_hook_with_name(name, hook, dir)
+
+    _SWITCHED = {"hook_q_input": "use_split_qkv_input", "hook_k_input": "use_split_qkv_input",
+                 "hook_v_input": "use_split_qkv_input", "hook_attn_in": "use_attn_in", "hook_mlp_in": "use_hook_mlp_in"}
+
+    def _check_switched(self, name: str) -> None:
+        """As TransformerLens: a hook on a point that only runs behind a switch is refused while it is off
+        (else it would silently never fire)."""
+        flag = self._SWITCHED.get(name.rsplit(".", 1)[-1])
+        if flag is not None and not getattr(self.cfg, flag):
+            raise InputError(f"hook {name!r} runs only with {flag} on, and it is off",
+                             f"call model.set_{flag}(True) first")
+
+    def get_caching_hooks(self, *args, **kwargs):
+        """TL's caching hooks, without the points that cannot fire (their switch is off), as TL caches them."""
+        out = super().get_caching_hooks(*args, **kwargs)
+        ok = lambda name: (flag := self._SWITCHED.get(name.rsplit(".", 1)[-1])) is None or getattr(self.cfg, flag)
+        cache, fwd, bwd = out
+        return cache, [(n, h) for n, h in fwd if ok(n)], [(n, h) for n, h in bwd if ok(n)]
 
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
         if isinstance(name, str) and name not in self.hook_dict:
             raise unknown_hook_error(name, self.hook_dict)
+        if isinstance(name, str):
+            self._check_switched(name)
         return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def _check_names_filter(self, names_filter) -> None:
@@ -427,8 +585,10 @@ class HookedAVTransformer(HookedRootModule):
         return out, AVActivationCache(cache_dict, self, layout, has_batch_dim=not remove_batch_dim)
 
     # ------------------------------------------------------------------------------------------- generation
-    def generate(self, inputs: AVInput, max_new_tokens: int = 32, **kwargs):
-        """Greedy or sampled continuation with a KV cache; hooks stay active at every step.
+    def generate(self, inputs: AVInput | Tensor | str | list[str], max_new_tokens: int = 32, **kwargs):
+        """Greedy or sampled continuation with a KV cache; hooks stay active at every step. Takes
+        TransformerLens's keywords (``return_type``, ``use_past_kv_cache``, ``stop_at_eos``, ``eos_token_id``,
+        ``freq_penalty``, ``verbose``, sampling); defaults differ from TL's (greedy, quiet, a Generation).
         See :func:`av_lens.generation.generate`."""
         from av_lens.generation import generate
 
@@ -464,35 +624,186 @@ class HookedAVTransformer(HookedRootModule):
     W_out = property(lambda self: self._stack("mlp.W_out"))
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
-        """Sum of the output biases written to the residual stream before ``layer``: zero for Qwen2 (no o_proj or
-        MLP output biases; value biases act through the attention pattern and are part of each head's result)."""
-        return torch.zeros(self.cfg.d_model, device=self.device, dtype=self.cfg.dtype)
+        """TL's ``accumulated_bias``: the output biases written to the residual stream before ``layer`` (the
+        attention's ``b_O`` of each earlier layer, and of ``layer`` itself with ``mlp_input=True``). Zero for an
+        unprocessed Qwen2 (no o_proj or MLP output biases); non-zero after ``fold_value_biases=True``."""
+        total = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.cfg.dtype)
+        for l in range(layer + (1 if mlp_input else 0)):
+            total = total + self.blocks[l].attn.b_O.to(total.device)
+        return total
 
     def tokens_to_residual_directions(self, tokens: int | str | Tensor) -> Tensor:
-        """Residual directions (in the final norm's *normalised* space) whose dot product gives each token's logit:
-        ``ln_final.w * W_U[:, token]``. With TransformerLens's ``apply_ln_to_stack`` (which divides by the cached
-        scale but does not apply the weight), logit attributions then sum exactly to the logits."""
+        """TransformerLens's convention: the unembedding column(s) ``W_U[:, token]`` ([d_model] for one token,
+        [..., d_model] for a tensor of them), so ``resid @ model.tokens_to_residual_directions(t)`` and
+        ``resid @ model.W_U[:, t]`` are the same number. The final norm's weight is *not* included, as in TL;
+        TL folds it into ``W_U`` by default, av_lens does so only with ``from_pretrained(..., fold_ln=True)``.
+        So on an unprocessed model ``cache.logit_attrs`` (which divides by the cached scale, as TL does) sums to
+        the logits only after multiplying by ``model.ln_final.w``, or on a ``fold_ln=True`` model, whose logits
+        are the same (docs/tl_compat.md, "Unembedding directions")."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        w = self.ln_final.w
         if isinstance(tokens, int):
-            return self.W_U[:, tokens] * w
-        tokens = torch.as_tensor(tokens, device=self.device)
-        return self.unembed.weight_matrix[tokens] * w
+            return self.W_U[:, tokens]
+        tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        if tokens.numel() == 1:  # as TL: a one-element tensor gives one [d_model] direction
+            return self.W_U[:, int(tokens.item())]
+        return self.unembed.weight_matrix[tokens]
 
-    def to_tokens(self, text: str | list[str]) -> Tensor:
-        """Plain tokenisation (no chat template, no media) to a [batch, pos] tensor on the model's device."""
-        self._need_tokenizer()
-        enc = self.tokenizer([text] if isinstance(text, str) else text, return_tensors="pt", padding=True)
-        return enc["input_ids"].to(self.device)
+    # ------------------------------------------------------------------------------------------- tokens (TL)
+    def _bos_token_id(self) -> int | None:
+        """TransformerLens's BOS: the tokenizer's, or — for a tokenizer without one (Qwen) — its EOS token,
+        which TL substitutes (``tokenizer.bos_token = tokenizer.eos_token``)."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
-    def to_single_token(self, text: str) -> int:
+    def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None,
+                  padding_side: Literal["left", "right"] | None = None, move_to_device: bool = True,
+                  truncate: bool = True) -> Int[Tensor, "batch pos"]:
+        """TransformerLens's ``to_tokens``: plain tokenisation (no chat template, no media) to [batch, pos].
+
+        ``prepend_bos`` defaults to ``cfg.default_prepend_bos`` (False for these models, as in TL's Qwen configs);
+        True prepends the BOS token, which for a tokenizer without one is its EOS token, as TL does.
+        ``padding_side`` defaults to the tokenizer's; ``truncate`` cuts to ``cfg.n_ctx``. The returned tensor
+        carries its attention mask: passing it (unchanged) to the model masks exactly its pads, also when they are
+        the same id as a prepended BOS; a tensor built otherwise gets TL's inferred mask (see :meth:`to_input`)."""
         self._need_tokenizer()
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        texts = [input] if isinstance(input, str) else list(input)
+        bos = self._prepend_bos(prepend_bos)
+        side = padding_side or self.tokenizer.padding_side
+        enc = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        if bos:
+            enc = [[self._bos_token_id(), *e] for e in enc]
+        if truncate:
+            enc = [e[: self.cfg.n_ctx] for e in enc]
+        n = max((len(e) for e in enc), default=0)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._bos_token_id() or 0
+        ids = torch.full((len(enc), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), n), dtype=torch.long)
+        for i, e in enumerate(enc):
+            sl = slice(n - len(e), n) if side == "left" else slice(0, len(e))
+            ids[i, sl] = torch.tensor(e, dtype=torch.long)
+            mask[i, sl] = 1
+        if move_to_device:
+            ids = ids.to(self.device)
+        key = id(ids)
+        self._made_tokens[key] = (weakref.ref(ids, lambda _r, k=key, d=self._made_tokens: d.pop(k, None)), mask)
+        return ids
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is one token (TL's ``to_single_token``; no BOS)."""
+        self._need_tokenizer()
+        ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise InputError(f"{text!r} is {len(ids)} tokens ({ids}), not one",
+            raise InputError(f"{string!r} is {len(ids)} tokens ({ids}), not one",
                              "pick a string the tokenizer keeps whole, or pass a token id")
         return int(ids[0])
+
+    def to_str_tokens(self, input: str | list | Tensor | AVInput, prepend_bos: bool | None = None,
+                      padding_side: Literal["left", "right"] | None = None) -> list[str] | list[list[str]]:
+        """TransformerLens's ``to_str_tokens``: one string per token. Strings and token ids as in TL (a list of
+        inputs gives a list of lists; a [1, pos] tensor is squeezed). On an :class:`AVInput` every position is
+        listed, media placeholders labelled with modality, item and time — ``'<audio 0 · 1.20 s>'``,
+        ``'<video 0 · 2.00 s>'``, ``'<image 0>'`` — text and marker tokens decoded; a batch of several samples
+        gives one list per sample."""
+        self._need_tokenizer()
+        if isinstance(input, AVInput):
+            lists = [self._av_str_tokens(input, b) for b in range(len(input))]
+            return lists[0] if len(lists) == 1 else lists
+        if isinstance(input, list) and not (input and isinstance(input[0], int)):
+            return [self.to_str_tokens(x, prepend_bos=prepend_bos, padding_side=padding_side) for x in input]
+        if isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+        else:
+            tokens = torch.as_tensor(input).squeeze()
+            if tokens.ndim == 0:
+                tokens = tokens[None]
+            if tokens.ndim != 1:
+                raise InputError(f"to_str_tokens takes one sequence of token ids, got shape {tuple(tokens.shape)}",
+                                 "pass tokens[i] for one sample, or a list of sequences")
+        return self.tokenizer.batch_decode(tokens.cpu()[:, None], clean_up_tokenization_spaces=False)
+
+    def _av_str_tokens(self, inp: AVInput, b: int) -> list[str]:
+        import math
+
+        from av_lens.layout import Modality
+
+        L = inp.layout
+        ids = inp.input_ids[b].cpu()
+        words = self.tokenizer.batch_decode(ids[:, None], clean_up_tokenization_spaces=False)
+        out = []
+        for p, w in enumerate(words):
+            m = int(L.modality[b, p])
+            if m in (int(Modality.AUDIO), int(Modality.IMAGE), int(Modality.VIDEO)):
+                t = float(L.time[b, p])
+                label = f"{Modality(m).name.lower()} {int(L.item[b, p])}"
+                out.append(f"<{label} · {t:.2f} s>" if not math.isnan(t) else f"<{label}>")
+            else:
+                out.append(w)
+        return out
+
+    def to_string(self, tokens: Tensor | list[int] | int) -> str | list[str]:
+        """TransformerLens's ``to_string``: [batch, pos] -> list of strings, [pos] or a scalar -> one string."""
+        self._need_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 2:
+            return self.tokenizer.batch_decode(tokens.cpu(), clean_up_tokenization_spaces=False)
+        if tokens.ndim > 2:
+            raise InputError(f"to_string takes [batch, pos], [pos] or one token id, got shape {tuple(tokens.shape)}",
+                             "index the extra dimensions away first")
+        return self.tokenizer.decode(tokens.reshape(-1).cpu(), clean_up_tokenization_spaces=False)
+
+    def get_token_position(self, single_token: str | int, input: str | Tensor | AVInput,
+                           mode: Literal["first", "last"] = "first", prepend_bos: bool | None = None,
+                           padding_side: Literal["left", "right"] | None = None) -> int:
+        """TransformerLens's ``get_token_position``: the first (or last) index of ``single_token`` in one
+        sequence (a string, [pos] / [1, pos] ids, or a batch-1 :class:`AVInput`; indices are into the padded
+        sequence, as in TL)."""
+        if isinstance(input, AVInput):
+            tokens = input.input_ids
+        elif isinstance(input, str):
+            tokens = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        else:
+            tokens = torch.as_tensor(input)
+        tokens = tokens[None] if tokens.ndim == 1 else tokens
+        if tokens.ndim != 2 or tokens.shape[0] != 1:
+            raise InputError(f"get_token_position takes one sequence, got shape {tuple(tokens.shape)}",
+                             "pass one sample (tokens[i:i + 1] or inputs[i])")
+        tid = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        where = (tokens[0].cpu() == tid).nonzero().squeeze(-1)
+        if len(where) == 0:
+            raise InputError(f"token {single_token!r} (id {tid}) does not occur in the input",
+                             "check the token with model.to_str_tokens(input)")
+        if mode not in ("first", "last"):
+            raise InputError(f"mode must be 'first' or 'last', got {mode!r}", "pass mode='first' or mode='last'")
+        return int(where[0] if mode == "first" else where[-1])
+
+    # ------------------------------------------------------------------------------------------- TL switches
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute ``blocks.{l}.attn.hook_result`` (each head's write, [batch, pos, head, d_model]) in every run."""
+        self.cfg.use_attn_result = bool(use_attn_result)
+
+    def _set_split_input(self, flag: str, value: bool) -> None:
+        if value and self.stream is not None:
+            raise InputError(f"{flag} is not available for {self.cfg.original_architecture} (its blocks read the "
+                             "AltUp streams, not one residual stream)",
+                             "hook blocks.{l}.hook_resid_pre or the attention's hook_q/k/v instead")
+        setattr(self.cfg, flag, bool(value))
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Give queries, keys and values their own copy of the block input, per head:
+        ``blocks.{l}.hook_q_input`` [batch, pos, head, d_model], ``hook_k_input`` / ``hook_v_input``
+        [batch, pos, kv_head, d_model] (before ``ln1``, as in TransformerLens)."""
+        self._set_split_input("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Give each head its own copy of the attention input: ``blocks.{l}.hook_attn_in``
+        [batch, pos, head, d_model] (before ``ln1``); with grouped-query attention the keys and values of a
+        key/value head read the copy of the first query head of its group."""
+        self._set_split_input("use_attn_in", use_attn_in)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Run ``blocks.{l}.hook_mlp_in`` [batch, pos, d_model] on the MLP's input (before ``ln2``)."""
+        self._set_split_input("use_hook_mlp_in", use_hook_mlp_in)
 
     def word_token(self, word: str) -> int:
         """The single token of a word as it appears in running text: ``word`` itself (word-level vocabularies)
@@ -505,13 +816,6 @@ class HookedAVTransformer(HookedRootModule):
             except InputError:
                 raise InputError(f"{word!r} is not one token (nor is {' ' + word!r})",
                                  "pick a word the tokenizer keeps whole, or pass a token id") from None
-
-    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
-        self._need_tokenizer()
-        tokens = torch.as_tensor(tokens)
-        if tokens.ndim == 2:
-            return [self.tokenizer.decode(t) for t in tokens]
-        return self.tokenizer.decode(tokens)
 
     def _need_tokenizer(self) -> None:
         if self.tokenizer is None:

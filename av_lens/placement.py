@@ -44,6 +44,7 @@ from jaxtyping import Shaped
 from torch import Tensor, nn
 
 from av_lens.errors import InputError
+from av_lens.model import HookedAVTransformer
 
 #: a device map: placeable part name -> device
 DeviceMap = dict[str, str]
@@ -291,8 +292,19 @@ def apply_device_map(model, device_map) -> "object":
     for p, d in m.items():
         model.get_submodule(p).to(d)
     model.device_map = m if len(set(m.values())) > 1 else None
+    model.router = Router(m) if model.device_map is not None else None
     model.cfg.device = m["embed"]
     return model
+
+
+class Router:
+    """What a placed model asks at each forward (``model.router.route()``): a fresh :class:`Route` over its map."""
+
+    def __init__(self, device_map: Mapping[str, torch.device]):
+        self.device_map = device_map
+
+    def route(self) -> Route:
+        return Route(self.device_map)
 
 
 # ------------------------------------------------------------------------------------------------ meta
@@ -304,7 +316,6 @@ def meta_model(source, dtype: torch.dtype | str = torch.bfloat16, revision: str 
     from av_lens.adapters import adapter_for
     from av_lens.hub import resolve_folder
     from av_lens.loading import _default_dtype, _parse_dtype
-    from av_lens.model import HookedAVTransformer
 
     dtype = _parse_dtype(dtype)
     if isinstance(source, (str, os.PathLike)):
@@ -335,3 +346,6 @@ def summary(model, device_map: Mapping[str, str]) -> str:
         lines.append(f"{d}: {span}" + (f" + {', '.join(other)}" if other else "") + f"; {_gib(n)}")
     return "\n".join(lines)
 
+
+
+HookedAVTransformer.placer = staticmethod(apply_device_map)  # model.place(...) uses this module's placement

@@ -45,3 +45,33 @@ def test_processor_dict_is_accepted(model, media):
     with torch.no_grad():
         assert torch.equal(model(dict(data)), model(via_media))
     assert torch.equal(via_dict.layout.position_ids, via_media.layout.position_ids)
+
+
+# ------------------------------------------------------------------------------------------ TL keywords
+def test_tl_return_types_and_kv_cache_off(model, media):
+    inp = model.prepare(**cases(media)["video_with_audio"])
+    g = model.generate(inp, max_new_tokens=4, stop_at_eos=False)
+    toks = model.generate(inp, max_new_tokens=4, stop_at_eos=False, return_type="tokens")
+    assert torch.equal(toks, g.sequences)
+    no_cache = model.generate(inp, max_new_tokens=4, stop_at_eos=False, use_past_kv_cache=False, return_type="tokens")
+    assert torch.equal(no_cache, g.sequences)  # same greedy tokens with and without the KV cache
+    extended = model.generate(inp, max_new_tokens=4, stop_at_eos=False, return_type="input")
+    assert torch.equal(extended.input_ids, g.sequences) and extended.layout.count("generated") == 4
+    s = model.generate("hello world", max_new_tokens=3, stop_at_eos=False, return_type="input")
+    ids = model.generate(model.to_tokens("hello world"), max_new_tokens=3, stop_at_eos=False, return_type="input")
+    assert isinstance(s, str) and s == model.to_string(ids[0])
+    assert model.generate(["hello world"], max_new_tokens=3, stop_at_eos=False, return_type="str") == [s]
+
+
+def test_tl_eos_token_id_and_freq_penalty(model, media):
+    inp = model.prepare(**cases(media)["audio"])
+    first = int(model.generate(inp, max_new_tokens=1).new_tokens[0, 0])
+    assert model.generate(inp, max_new_tokens=5, eos_token_id=first).new_tokens.shape == (1, 1)
+    assert model.generate(inp, max_new_tokens=5, eos_token_id=[first, 3]).new_tokens.shape == (1, 1)
+    # a huge frequency penalty forbids repeating any token of the sequence (top_k=1: greedy after the penalty)
+    seen = set(inp.input_ids[0].tolist())
+    new = model.generate(inp, max_new_tokens=6, do_sample=True, top_k=1, freq_penalty=1e4, seed=0,
+                         stop_at_eos=False).new_tokens[0].tolist()
+    assert not seen & set(new) and len(set(new)) == len(new)
+    greedy = model.generate(inp, max_new_tokens=6, freq_penalty=1e4, stop_at_eos=False).new_tokens
+    assert torch.equal(greedy, model.generate(inp, max_new_tokens=6, stop_at_eos=False).new_tokens)  # TL: sampling only

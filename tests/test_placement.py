@@ -377,3 +377,19 @@ def test_from_pretrained_with_a_device_map_streams_weights_onto_the_placed_parts
     inp = a.prepare(**cases(media)["video_with_audio"])
     with torch.no_grad():
         assert torch.equal(a(inp), c(inp))
+
+
+def test_model_does_not_import_placement():
+    """The placement code depends on the model, not the reverse: the model asks the router it is given."""
+    import ast
+    from pathlib import Path
+
+    import av_lens.model as model_module
+
+    tree = ast.parse(Path(model_module.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and "placement" in m for m in imported)
+    from av_lens.placement import apply_device_map
+
+    assert model_module.HookedAVTransformer.placer is apply_device_map

@@ -57,11 +57,16 @@ def test_stack_head_results_sum_to_attn_out(model, clean_run):
 
 
 def test_logit_attrs_sum_to_logits(model, clean_run):
+    """TL's convention: the directions are W_U's columns, the norm weight is not in them. On unprocessed
+    weights the attributions sum to the logit once the parts carry the final norm's weight (as TL with
+    fold_ln=False); a fold_ln=True model needs nothing (tests/test_weights.py)."""
     logits, cache = clean_run
     token = int(logits[0, -1].argmax())
     parts = cache.decompose_resid(pos_slice=-1)
-    attrs = cache.logit_attrs(parts, tokens=torch.tensor([token]), pos_slice=-1)
+    attrs = cache.logit_attrs(parts * model.ln_final.w, tokens=torch.tensor([token]), pos_slice=-1)
     assert attrs.sum(0).item() == pytest.approx(logits[0, -1, token].item(), abs=1e-3)
+    plain = cache.logit_attrs(parts, tokens=torch.tensor([token]), pos_slice=-1)
+    assert abs(plain.sum(0).item() - logits[0, -1, token].item()) > 1e-3  # the weight is not hidden anywhere
 
 
 def test_apply_ln_to_stack_matches_final_norm_without_weight(model, clean_run):

@@ -139,6 +139,7 @@ for sel in ["audio", "video", "all but video", S.video.between(0, 0.5), S.audio.
     print(f"{name:24s} {L.count(sel):3d} positions, spans {L.spans(sel)}")
 print("\\nmask shape:", tuple(L.mask("audio").shape), "| first audio positions:", L.positions("audio")[:4].tolist())
 print("labels 35..39:", L.labels()[35:40])
+print("to_str_tokens 35..39:", model.to_str_tokens(inputs[0])[35:40])  # TransformerLens's view, media labelled
 '''),
     md('''
 ## Activations: `run_with_cache`
@@ -151,15 +152,19 @@ that follow them inherit the difference; the video positions of the first chunk 
 cannot attend to it, so they stay identical.
 '''),
     code('''
-logits, cache = model.run_with_cache(inputs, names_filter=lambda name: name.endswith("hook_resid_post"))
+from av_lens import utils  # TransformerLens 3's utils helpers (get_act_name, to_numpy, test_prompt, ...)
+
+logits, cache = model.run_with_cache(inputs, names_filter=lambda name: name.endswith("hook_resid_post")
+                                     or name == utils.get_act_name("pattern", 0))
 print("logits", tuple(logits.shape), "| cached:", list(cache.keys()))
+print("layer-0 attention pattern", tuple(cache["pattern", 0].shape))  # TL's shorthand keys work
 
 after_media = S.index(range(int(L.positions("media")[-1]) + 1, len(L)))  # explicit positions, as a selector
 groups = {"audio": "audio", "video": "video", "text after media": S.text & after_media}
 print(f"\\nrelative distance |r_cf - r_fact| / |r_fact| by layer")
 print(f"{'layer':>5} " + " ".join(f"{g:>17}" for g in groups))
 for l in range(cfg.n_layers):
-    r = cache[f"blocks.{l}.hook_resid_post"].float()
+    r = cache["resid_post", l].float()
     row = []
     for sel in groups.values():
         pos = cache.layout.positions(sel, batch=0).to(r.device)  # the two samples share the layout

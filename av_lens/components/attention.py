@@ -155,6 +155,9 @@ class Attention(nn.Module):
 
     @property
     def b_O(self) -> Float[Tensor, "d_model"]:
+        """Zero for Qwen2 (no output bias) unless value biases were folded into it (``fold_value_biases``)."""
+        if self.o_proj.bias is not None:
+            return self.o_proj.bias
         return torch.zeros(self.cfg.d_model, device=self.o_proj.weight.device, dtype=self.o_proj.weight.dtype)
 
     # --- forward ------------------------------------------------------------------------------------
@@ -180,11 +183,19 @@ class Attention(nn.Module):
         return zh
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttnContext) -> Float[Tensor, "batch pos d_model"]:
-        B, P, _ = x.shape
         nh, nkv, dh = self.cfg.n_heads, self.cfg.n_key_value_heads, self.cfg.d_head
-        q = self.hook_q(self.q_proj(x).view(B, P, nh, dh))
-        k = self.hook_k(self.k_proj(x).view(B, P, nkv, dh))
-        v = self.hook_v(self.v_proj(x).view(B, P, nkv, dh))
+        if isinstance(x, tuple):  # per-head inputs (use_split_qkv_input / use_attn_in): [batch, pos, head, d_model]
+            q_in, k_in, v_in = x
+            B, P = q_in.shape[:2]
+            q = self.hook_q(torch.einsum("bphm,hmd->bphd", q_in, self.W_Q) + self.b_Q)
+            k = self.hook_k(torch.einsum("bphm,hmd->bphd", k_in, self._W_K) + self._b_K)
+            v = self.hook_v(torch.einsum("bphm,hmd->bphd", v_in, self._W_V) + self._b_V)
+            x = q_in
+        else:
+            B, P, _ = x.shape
+            q = self.hook_q(self.q_proj(x).view(B, P, nh, dh))
+            k = self.hook_k(self.k_proj(x).view(B, P, nkv, dh))
+            v = self.hook_v(self.v_proj(x).view(B, P, nkv, dh))
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.rotary_dim < dh:  # partial rotary (Phi-3/4): only the first rotary_dim dims of each head rotate
@@ -233,5 +244,6 @@ class Attention(nn.Module):
         z = self.hook_z(zh.transpose(1, 2))  # [batch, pos, head, d_head]
         if self.cfg.use_attn_result or self.hook_result.has_hooks():
             result = self.hook_result(torch.einsum("bphd,hdm->bphm", z, self.W_O))
-            return result.sum(dim=2)
+            out = result.sum(dim=2)
+            return out + self.o_proj.bias if self.o_proj.bias is not None else out
         return self.o_proj(z.reshape(B, P, nh * dh))

@@ -22,6 +22,9 @@ from av_lens.config import AVConfig
 
 
 class TransformerBlock(nn.Module):
+    #: read by TransformerLens 4's analysis tools (logit_lens, DLA): hook_resid_post is the one residual stream
+    hook_out_is_single_residual_stream = True
+
     def __init__(self, cfg: AVConfig, layer: int):
         super().__init__()
         self.layer = layer
@@ -34,6 +37,14 @@ class TransformerBlock(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+        # TransformerLens's optional per-head inputs (fire only with cfg.use_attn_in / use_split_qkv_input /
+        # use_hook_mlp_in, set by model.set_use_attn_in(...) etc.)
+        self.hook_attn_in = HookPoint()  # [batch, pos, head_index, d_model]
+        self.hook_q_input = HookPoint()  # [batch, pos, head_index, d_model]
+        self.hook_k_input = HookPoint()  # [batch, pos, kv_head, d_model]
+        self.hook_v_input = HookPoint()  # [batch, pos, kv_head, d_model]
+        self.hook_mlp_in = HookPoint()  # [batch, pos, d_model]
+        self.cfg = cfg
         if layer < cfg.n_deepstack:
             self.hook_deepstack = HookPoint()
 
@@ -45,6 +56,20 @@ class TransformerBlock(nn.Module):
     def _mlp_producers(self) -> tuple:
         return self.mlp, getattr(self.mlp, "down_proj", None)  # the MoE mixes its experts itself (no module)
 
+    def _split_inputs(self, resid_pre: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised per-head query/key/value inputs ([batch, pos, head, d_model]), as TransformerLens builds
+        them: with use_split_qkv_input each has its hook; with use_attn_in one copy per query head
+        (``hook_attn_in``), a key/value head reading the copy of the first query head of its group."""
+        cfg = self.cfg
+        nh, nkv = cfg.n_heads, cfg.n_key_value_heads
+        rep = lambda n: resid_pre[:, :, None, :].expand(-1, -1, n, -1).clone()
+        if cfg.use_split_qkv_input:
+            q_in, k_in, v_in = self.hook_q_input(rep(nh)), self.hook_k_input(rep(nkv)), self.hook_v_input(rep(nkv))
+        else:
+            q_in = self.hook_attn_in(rep(nh))
+            k_in = v_in = q_in[:, :, ::cfg.n_rep]
+        return self.ln1(q_in), self.ln1(k_in), self.ln1(v_in)
+
     def forward(self, resid: Float[Tensor, "batch pos d_model"], ctx: AttnContext) -> Float[Tensor, "batch pos d_model"]:
         # Un-hooked inference sums into the freshly computed branch output instead of a new buffer. The producers
         # of attn_out / mlp_out are watched too (a plain hook on blocks.l.attn or its o_proj receives the very
@@ -52,10 +77,15 @@ class TransformerBlock(nn.Module):
         attn_watch, mlp_watch = (self.hook_attn_out, *self._attn_producers), (self.hook_mlp_out, *self._mlp_producers)
         attn_free, mlp_free = may_overwrite(*attn_watch), may_overwrite(*mlp_watch)
         resid_pre = self.hook_resid_pre(resid)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), ctx))
+        cfg = self.cfg
+        if cfg.use_split_qkv_input or cfg.use_attn_in:
+            attn_out = self.hook_attn_out(self.attn(self._split_inputs(resid_pre), ctx))
+        else:
+            attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), ctx))
         attn_free = attn_free and may_overwrite(*attn_watch)
         resid_mid = self.hook_resid_mid(attn_out.add_(resid_pre) if attn_free else resid_pre + attn_out)
-        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        mlp_in = self.hook_mlp_in(resid_mid.clone()) if cfg.use_hook_mlp_in else resid_mid
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(mlp_in)))
         mlp_free = mlp_free and may_overwrite(*mlp_watch)
         resid_post = mlp_out.add_(resid_mid) if mlp_free else resid_mid + mlp_out
         extra = ctx.deepstack.get(self.layer) if ctx.deepstack else None

@@ -2,9 +2,9 @@
 
 ``hook_scale`` is the per-position root-mean-square ``sqrt(mean(x^2) + eps)`` ("batch pos 1", computed in
 fp32), ``hook_normalized`` the normalised vector *before* the learned weight ("batch pos d_model"), as in
-TransformerLens. ActivationCache.apply_ln_to_stack divides by the cached ``hook_scale``; because weights are
-not folded here, :meth:`HookedAVTransformer.tokens_to_residual_directions` returns unembedding directions
-already multiplied by the final norm's weight, so logit attributions still sum to the logits.
+TransformerLens. ActivationCache.apply_ln_to_stack divides by the cached ``hook_scale`` and, as in TL, does not
+apply the weight; :meth:`HookedAVTransformer.tokens_to_residual_directions` returns ``W_U``'s columns (TL's
+convention), so on unprocessed weights logit attributions need the weight (or ``fold_ln=True``).
 
 The norm computes ``x * rsqrt(mean(x^2) + eps)`` as transformers does (one fused reciprocal square root instead
 of a square root and a division), hooked or not, and un-hooked applies the weight in place (see
