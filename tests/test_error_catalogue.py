@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -33,7 +34,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from av_lens import AVLensError, CheckpointError, HookedAVTransformer, HookNameError, InputError, LayoutError, MediaError
+from av_lens import AVLensError, AVLensWarning, CheckpointError, HookedAVTransformer, HookNameError, InputError, LayoutError, MediaError
 from av_lens.analysis import (AttentionFlow, KeywordScorer, LinearProbe, LLMJudgeScorer, counterfactual_pair,
                               fidelity, head_ablation_hooks, knockout_hooks, knockout_sweep, logit_lens,
                               patch_by_modality, path_patch_hooks, pooled_residuals, probe_layers, require_aligned,
@@ -517,6 +518,71 @@ CASES: list[Case] = [
          CLIExit, ("av-lens sweep:", "the window '0-9' is outside the model's layers 0..3"), ("windows within 0-3",)),
 ]
 
+
+# ---- second reliability pass (issue 15) ---------------------------------------------------------------------
+def _warned(fn) -> Callable[[SimpleNamespace], object]:
+    """Run ``fn(ctx)`` with AVLensWarning turned into an error, so a warning case raises like an error case."""
+    def build(ctx):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AVLensWarning)
+            return fn(ctx)
+    return build
+
+
+def _frames(dtype, value, shape=(4, 56, 56, 3)):
+    a = np.full(shape, value, dtype=dtype)
+    return a
+
+
+def _vid(ctx, frames):
+    return ctx.model.prepare("x", videos=[frames])
+
+
+def _img(ctx, img):
+    return ctx.model.prepare("x", images=[img])
+
+
+CASES += [
+    # ---- media value ranges ---------------------------------------------------------------------------------
+    Case("prepare-video-float-unit-range", "media", _warned(lambda ctx: _vid(ctx, _frames(np.float32, 0.5))),
+         AVLensWarning, ("videos[0] holds float pixels in [0.5, 0.5]", "0..255 scale", "almost black"),
+         ("(frames * 255).astype(np.uint8)",)),
+    Case("prepare-video-bool-frames", "media", lambda ctx: _vid(ctx, _frames(bool, True)),
+         MediaError, ("videos[0] has bool pixels",), ("uint8 RGB values in 0..255",)),
+    Case("prepare-video-int-above-255", "media", lambda ctx: _vid(ctx, _frames(np.int32, 300)),
+         MediaError, ("videos[0] has pixel values in [300, 300], outside 0..255 (int32)",), ("np.clip(frames, 0, 255)",)),
+    Case("prepare-video-negative-pixels", "media", lambda ctx: _vid(ctx, _frames(np.float32, -1.0)),
+         MediaError, ("videos[0] has pixel values in [-1, -1], outside 0..255",), ("uint8 RGB values",)),
+    Case("prepare-video-nan-pixels", "media", lambda ctx: _vid(ctx, _frames(np.float32, np.nan)),
+         MediaError, ("videos[0] has NaN or infinite pixel values",), ("np.nan_to_num",)),
+    Case("prepare-video-is-a-path", "media", lambda ctx: _vid(ctx, "clip.mp4"),
+         MediaError, ("videos[0] is a str ('clip.mp4'), not an array of frames",), ("av_lens.media.load_video(path)",)),
+    Case("prepare-video-ragged-frames", "media",
+         lambda ctx: _vid(ctx, [np.zeros((56, 56, 3), np.uint8), np.zeros((28, 56, 3), np.uint8)]),
+         MediaError, ("videos[0] is a list of frames of different shapes",), ("resize every frame",)),
+    Case("prepare-image-float-unit-range", "media", _warned(lambda ctx: _img(ctx, _frames(np.float64, 1.0, (56, 56, 3)))),
+         AVLensWarning, ("images[0] holds float pixels in [1, 1]", "almost black"), ("* 255",)),
+    Case("prepare-image-bool", "media", lambda ctx: _img(ctx, _frames(bool, False, (56, 56, 3))),
+         MediaError, ("images[0] has bool pixels",), ("mask.astype(np.uint8) * 255",)),
+    Case("prepare-image-int-above-255", "media", lambda ctx: _img(ctx, _frames(np.int64, 4095, (56, 56, 3))),
+         MediaError, ("images[0] has pixel values in [4095, 4095], outside 0..255 (int64)",), ("uint8 RGB values",)),
+    Case("prepare-image-nan-pixels", "media", lambda ctx: _img(ctx, _frames(np.float32, np.inf, (56, 56, 3))),
+         MediaError, ("images[0] has NaN or infinite pixel values",), ("np.nan_to_num",)),
+    Case("prepare-image-is-a-path", "media", lambda ctx: _img(ctx, Path("cat.png")),
+         MediaError, ("images[0] is a PosixPath ('cat.png'), not an image",), ("PIL.Image.open(path).convert('RGB')",)),
+    Case("prepare-audio-int16-scale-floats", "media",
+         lambda ctx: ctx.model.prepare("x", audio=[ctx.media["wav3"] * 32768]),
+         MediaError, ("audio[0] has float samples up to", "float audio lies in [-1, 1]", "int16-scale"),
+         ("wav / 32768",)),
+    Case("prepare-audio-stereo-channels-last", "media",
+         lambda ctx: ctx.model.prepare("x", audio=[np.stack([ctx.media["wav3"]] * 2, axis=1)]),
+         MediaError, ("audio[0] has shape (48000, 2) (samples x 2 channels)",), ("wav.mean(axis=1)", "not axis 0")),
+    Case("prepare-video-audio-int16-scale", "media",
+         lambda ctx: ctx.model.prepare("x", videos=[ctx.media["video"]], video_audio=[ctx.media["wav5"] * 20000]),
+         MediaError, ("video_audio[0] has float samples up to",), ("wav / 32768",)),
+    Case("media-load-max-seconds-negative", "media", lambda ctx: load_video(ctx.files["film"], max_seconds=-1),
+         MediaError, ("max_seconds must be positive, got -1",), ("max_seconds=30",)),
+]
 
 def _flow_without_generated(ctx):
     flow = AttentionFlow(ctx.model, "generated")
