@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0, help="seed of the organism pairs")
     s.add_argument("--question", default="describe", help="organism question (describe, hear, see)")
     s.add_argument("--manifest", default=None, help="JSONL of real clip pairs (see av_lens.sweeps.manifest_samples)")
-    s.add_argument("--windows", default=None, help="knockout windows as first-last layers, e.g. 0-1,2-3 "
-                                                   "(default: every single layer)")
+    s.add_argument("--windows", default=None, help="knockout windows as half-open start:stop layer ranges "
+                                                   "(Python slices), e.g. 0:2,2:4 = layers 0-1 and 2-3; a lone N is "
+                                                   "layer N (default: every single layer)")
     s.add_argument("--knockouts", default="generated:video,generated:audio", help="query:keys groups to cut")
     s.add_argument("--conditions", default="factual,counterfactual")
     s.add_argument("--max-new-tokens", type=int, default=4)

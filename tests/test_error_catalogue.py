@@ -44,7 +44,7 @@ from av_lens.media import load_audio, load_clip, load_video
 from av_lens.organism import world
 from av_lens.organism.evaluate import clip_inputs
 from av_lens.placement import plan_device_map
-from av_lens.sweeps import SweepError, gather, study_items
+from av_lens.sweeps import SweepError, gather, parse_windows, study_items
 from conftest import cases
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -183,13 +183,17 @@ def _metric(logits):
     return logits[0, -1, 0]
 
 
+def _metric2(logits, inputs):
+    return logits[0, -1, 0]
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 #: CLI case id -> its arguments (given the context); all of them start together on the first CLI case
 CLI = {
     "cli-audio-without-video": lambda ctx: ["report", "--audio", str(ctx.files["tone"])],
     "cli-video-not-a-media-file": lambda ctx: ["report", "--video", str(ctx.files["notes"])],
     "cli-model-missing-folder": lambda ctx: ["demo", "--model", str(ctx.tmp / "no_such_model")],
-    "cli-sweep-window-outside-layers": lambda ctx: ["sweep", "--windows", "0-9", "--out", str(ctx.tmp / "sweep-out")],
+    "cli-sweep-window-outside-layers": lambda ctx: ["sweep", "--windows", "0:9", "--out", str(ctx.tmp / "sweep-out")],
 }
 
 
@@ -505,7 +509,7 @@ CASES: list[Case] = [
          lambda ctx: ctx.model.place({"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "blocks.7": "cpu"}),
          InputError, ("the device map names parts this model does not have: ['blocks.7']",), ("'blocks.0'..'blocks.1'",)),
     Case("sweep-rows-missing", "analyses",
-         lambda ctx: gather(ctx.tmp / "sweep-empty", study_items(1, [(0, 0)], conditions=("factual",), knockouts=())),
+         lambda ctx: gather(ctx.tmp / "sweep-empty", study_items(1, [range(0, 1)], conditions=("factual",), knockouts=())),
          SweepError, ("lacks rows for 1 of 1 items: '0/factual/none'",), ("rerun the same sweep command",)),
     # ---- CLI (python -m av_lens.cli; exit status 2, message on stderr) -----------------------------------------
     Case("cli-audio-without-video", "cli", _cli("cli-audio-without-video"),
@@ -515,7 +519,7 @@ CASES: list[Case] = [
     Case("cli-model-missing-folder", "cli", _cli("cli-model-missing-folder"),
          CLIExit, ("av-lens demo:", "no checkpoint folder at", "no_such_model"), ("existing local folder",)),
     Case("cli-sweep-window-outside-layers", "cli", _cli("cli-sweep-window-outside-layers"),
-         CLIExit, ("av-lens sweep:", "the window '0-9' is outside the model's layers 0..3"), ("windows within 0-3",)),
+         CLIExit, ("av-lens sweep:", "the window '0:9' is outside the model's layers 0:4"), ("windows within 0:4",)),
 ]
 
 
@@ -580,6 +584,27 @@ CASES += [
     Case("prepare-video-audio-int16-scale", "media",
          lambda ctx: ctx.model.prepare("x", videos=[ctx.media["video"]], video_audio=[ctx.media["wav5"] * 20000]),
          MediaError, ("video_audio[0] has float samples up to",), ("wav / 32768",)),
+    # ---- layer windows: half-open ranges only --------------------------------------------------------------
+    Case("window-list-is-ambiguous", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", [[0, 1]], _metric2, progress=False),
+         InputError, ("the knockout window [0, 1] is ambiguous", "layers 0..1 (first-last)", "layers 0..0 (half-open)"),
+         ("range(0, 2) for layers 0..1", "range(0, 1)", "half-open Python ranges")),
+    Case("window-empty-range", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", [range(1, 1)], _metric2, progress=False),
+         InputError, ("the knockout window 1:1 is empty",), ("range(1, 2) for layer 1 alone",)),
+    Case("window-outside-layers", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", [range(0, 9)], _metric2, progress=False),
+         InputError, ("the knockout window 0:9 is outside the model's layers 0:2",), ("within 0:2", "last layer is 1")),
+    Case("window-string-old-form", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", ["0-1"], _metric2, progress=False),
+         InputError, ("cannot read the knockout window '0-1'",), ("'0:4' for layers 0..3",)),
+    Case("window-with-step", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", [range(0, 2, 2)], _metric2, progress=False),
+         InputError, ("has step 2",), ("contiguous range(start, stop)",)),
+    Case("sweep-items-tuple-window", "analyses", lambda ctx: study_items(1, [(0, 1)]),
+         InputError, ("the knockout window (0, 1) is ambiguous",), ("range(0, 2) for layers 0..1",)),
+    Case("sweep-parse-windows-old-form", "analyses", lambda ctx: parse_windows("0-3", 4),
+         InputError, ("the window '0-3' uses the old first-last form",), ("--windows 0:4 for layers 0..3",)),
     Case("media-load-max-seconds-negative", "media", lambda ctx: load_video(ctx.files["film"], max_seconds=-1),
          MediaError, ("max_seconds must be positive, got -1",), ("max_seconds=30",)),
 ]

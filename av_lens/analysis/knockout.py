@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from av_lens.analysis._common import check_layers, current_rows, selector_mask
+from av_lens.analysis._common import as_window, check_layers, current_rows, selector_mask
 from av_lens.errors import InputError
 from av_lens.layout import SelectorLike
 
@@ -62,7 +62,7 @@ def knockout_hooks(model, query: SelectorLike = "generated", keys: SelectorLike 
 
 
 def sliding_windows(n_layers: int, width: int, stride: int = 1) -> list[range]:
-    """Windows [l, l + width) sliding over the layers."""
+    """Windows ``range(l, l + width)`` (half-open) sliding over the layers."""
     if not 1 <= width <= n_layers:
         raise InputError(f"window width {width} does not fit in {n_layers} layers", f"use 1 <= width <= {n_layers}")
     if stride < 1:
@@ -93,7 +93,7 @@ class SweepResult:
         rows = [f"{'window':>10} {'metric':>10} {'effect':>10}",
                 f"{'none':>10} {float(self.baseline.float().mean()):10.4f} {0.0:10.4f}"]
         for w, v, e in zip(self.windows, self.values, self.effect):
-            label = str(w.start) if len(w) == 1 else f"{w.start}-{w.stop - 1}"
+            label = f"{w.start}:{w.stop}"  # half-open, as the windows themselves
             rows.append(f"{label:>10} {float(v.float().mean()):10.4f} {float(e.float().mean()):10.4f}")
         return "\n".join(rows)
 
@@ -111,11 +111,10 @@ def knockout_sweep(model, inputs, query: SelectorLike, keys: SelectorLike, windo
     selector_mask(inputs.layout, keys, "key")
     if generate is None:
         selector_mask(inputs.layout, query, "query")
-    windows = [range(min(w), max(w) + 1) if not isinstance(w, range) else w for w in windows]
+    windows = list(windows)
     if not windows:
         raise InputError("no knockout windows given", "pass e.g. sliding_windows(model.cfg.n_layers, 4)")
-    for w in windows:
-        check_layers(model, w, f"knockout window {w}")
+    windows = [as_window(w, model.cfg.n_layers) for w in windows]
     inputs = model.encode(inputs)
 
     def run(hooks) -> Tensor:
