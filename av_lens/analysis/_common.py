@@ -81,6 +81,31 @@ def selector_mask(layout: ModalityLayout, sel: SelectorLike, what: str, *, requi
     return mask
 
 
+def check_run_match(st, sel, mask: Tensor, what: str, tool: str, warned: set) -> None:
+    """A hook's selector against the forward now running (``st`` = ``model.run_state``; ``mask`` = the selector's
+    [batch, pos] mask over ``st.layout``): no match at all is an :class:`InputError`, except ``"generated"``
+    in the prefill of ``generate()``; a match in only some samples of a batch warns once (``warned`` remembers)."""
+    per_sample = mask.any(-1)
+    if bool(per_sample.all()):
+        return
+    if not bool(per_sample.any()):
+        if st.cache is not None and st.query_start == 0 and "generated" in str(sel):
+            return  # the prefill of generate(): generated positions come with the decoding steps
+        gen = ("; 'generated' positions exist only inside generate() or on an input extended with AVInput.extend()"
+               if "generated" in str(sel) else "")
+        raise InputError(f"the {tool} {what} selector {sel!r} matches no position of the running input, so the "
+                         f"hook would change nothing",
+                         f"choose positions that exist here: {st.layout.counts()}{gen}")
+    if what not in warned:
+        warned.add(what)
+        from av_lens.errors import warn
+
+        missing = (~per_sample).nonzero().squeeze(-1).tolist()
+        warn(f"the {tool} {what} selector {sel!r} matches no position in sample(s) {missing} of this batch; "
+             "those samples are left unedited",
+             "this is fine for a mixed batch; otherwise give every sample the positions", stacklevel=5)
+
+
 def current_rows(model) -> tuple[ModalityLayout, int, int]:
     """(layout, first query position, number of query positions) of the forward now running."""
     st = getattr(model, "run_state", None)

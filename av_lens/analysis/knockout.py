@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from av_lens.analysis._common import as_window, check_layers, current_rows, selector_mask
+from av_lens.analysis._common import as_window, check_layers, check_run_match, current_rows, selector_mask
 from av_lens.errors import InputError
 from av_lens.layout import SelectorLike
 
@@ -39,11 +39,16 @@ def knockout_hooks(model, query: SelectorLike = "generated", keys: SelectorLike 
     """Hooks that block attention from ``query`` positions to ``keys`` positions in ``layers`` (default all)."""
     layers = check_layers(model, layers, "knockout layers")
 
+    warned: set = set()
+
     def hook(mask: Tensor, hook) -> Tensor:
         layout, qs, n = current_rows(model)
         K = mask.shape[-1]
-        qm = selector_mask(layout, query, "query", require=False)[:, qs:qs + n]
-        km = selector_mask(layout, keys, "key", require=False)[:, :K]
+        qfull = selector_mask(layout, query, "query", require=False)
+        kfull = selector_mask(layout, keys, "key", require=False)
+        check_run_match(model.run_state, keys, kfull, "key", "knockout", warned)
+        check_run_match(model.run_state, query, qfull, "query", "knockout", warned)
+        qm, km = qfull[:, qs:qs + n], kfull[:, :K]
         block = (qm[:, None, :, None] & km[:, None, None, :]).to(mask.device)
         if not block.any():
             return mask
@@ -109,7 +114,7 @@ def knockout_sweep(model, inputs, query: SelectorLike, keys: SelectorLike, windo
 
     inputs = model.to_input(inputs)
     selector_mask(inputs.layout, keys, "key")
-    if generate is None:
+    if generate is None or "generated" not in str(query):
         selector_mask(inputs.layout, query, "query")
     windows = list(windows)
     if not windows:
