@@ -52,7 +52,68 @@ _register_organism()
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
 
 
+#: seconds a hub request may take before from_pretrained gives up (env AV_LENS_HUB_TIMEOUT overrides it)
+HUB_TIMEOUT = 30.0
+
+
+def hub_timeout() -> float:
+    """The hub timeout in seconds: ``AV_LENS_HUB_TIMEOUT`` if set, else :data:`HUB_TIMEOUT`."""
+    raw = os.environ.get("AV_LENS_HUB_TIMEOUT")
+    if raw is None or raw == "":
+        return HUB_TIMEOUT
+    try:
+        t = float(raw)
+    except ValueError:
+        t = float("nan")
+    if not 0 < t < float("inf"):
+        raise CheckpointError(f"AV_LENS_HUB_TIMEOUT={raw!r} is not a positive number of seconds",
+                              "set it to e.g. AV_LENS_HUB_TIMEOUT=30, or unset it (default 30 s)")
+    return t
+
+
+def _hub_call(fn, name: str):
+    """Run a hub call with a hard wall-clock limit: an endpoint that accepts the connection and never answers
+    makes it fail after :func:`hub_timeout` seconds instead of hanging (the per-request timeouts of
+    huggingface_hub are set to the same value, and the call runs in a daemon thread as a last resort)."""
+    import threading
+
+    limit = hub_timeout()
+    try:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_ETAG_TIMEOUT = min(getattr(constants, "HF_HUB_ETAG_TIMEOUT", limit), limit)
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = min(getattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", limit), limit)
+    except Exception:  # noqa: BLE001 - an older huggingface_hub without these settings
+        pass
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            box["error"] = e
+
+    th = threading.Thread(target=target, daemon=True, name=f"av_lens hub call {name}")
+    th.start()
+    th.join(limit)
+    if th.is_alive():
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise CheckpointError(f"the model hub ({endpoint}) did not answer within {limit:g} s while looking up {name!r}",
+                              "check the network (or HF_ENDPOINT), raise AV_LENS_HUB_TIMEOUT, or download the model "
+                              f"first (huggingface-cli download {name}) and pass the local folder")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def resolve_folder(name_or_path: str | os.PathLike, local_files_only: bool | None = None) -> Path:
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise CheckpointError(f"the model name is {name_or_path!r} ({type(name_or_path).__name__}), not a folder or "
+                              "hub id", "pass a checkpoint folder, a hub id such as 'Qwen/Qwen2.5-Omni-3B', or "
+                                        "'av-lens/organism'")
+    if not str(name_or_path).strip():
+        raise CheckpointError("the model name is empty (an empty path would load the working directory)",
+                              "pass a checkpoint folder, a hub id such as 'Qwen/Qwen2.5-Omni-3B', or 'av-lens/organism'")
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
@@ -70,7 +131,10 @@ def resolve_folder(name_or_path: str | os.PathLike, local_files_only: bool | Non
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS, local_files_only=local_files_only))
+        return Path(_hub_call(lambda: snapshot_download(name, allow_patterns=_HUB_PATTERNS,
+                                                        local_files_only=local_files_only), name))
+    except CheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - every hub failure means the same thing to the caller
         raise CheckpointError(
             f"could not find {name!r} locally or on the model hub ({type(e).__name__}: {str(e).splitlines()[0]})",
@@ -91,7 +155,12 @@ def _default_dtype(dtype: torch.dtype):
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})",
+                                  "the file is truncated or corrupt; download model.safetensors.index.json again") from e
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -109,7 +178,13 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point or dtype.itemsize < 2:
+            raise CheckpointError(f"dtype {dtype} cannot hold the model's weights and activations (not a 16/32/64-bit "
+                                  "float type)", "use torch.float32, torch.bfloat16 or torch.float16 (quantised "
+                                                 "weights are not supported)")
         return dtype
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"dtype must be a string or a torch.dtype, got {dtype!r}", "pass e.g. dtype='bf16'")
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
@@ -160,7 +235,33 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
 
 
 def _load_tokenizer_and_processor(folder: Path):
+    try:
+        return _load_tokenizer_and_processor_unchecked(folder)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers / transformers raise many types for a broken file
+        present = sorted(p.name for p in folder.iterdir() if "token" in p.name or "processor" in p.name
+                         or p.name in ("vocab.json", "merges.txt", "chat_template.jinja"))
+        raise CheckpointError(f"cannot load the tokenizer / processor of {folder} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}; files present: {present})",
+                              "a tokenizer file is missing, truncated or corrupt; download tokenizer.json, "
+                              "tokenizer_config.json and the processor configs again") from e
+
+
+def _load_tokenizer_and_processor_unchecked(folder: Path):
     tokenizer = processor = None
+    for f in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        if (folder / f).exists():
+            try:
+                json.loads((folder / f).read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise CheckpointError(f"{folder / f} is not valid JSON ({e})",
+                                      f"the file is truncated or corrupt; download {f} again") from e
+    if (folder / "tokenizer_config.json").exists() and not any(
+            (folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")):
+        raise CheckpointError(f"{folder} has tokenizer_config.json but no tokenizer vocabulary (tokenizer.json, "
+                              "vocab.json + merges.txt or tokenizer.model)",
+                              "the download is incomplete; fetch tokenizer.json (or the vocabulary files) again")
     if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
@@ -265,10 +366,17 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
 
 def _read(handle, key: str, f: Path) -> torch.Tensor:
     try:
-        return handle.get_tensor(key)
+        t = handle.get_tensor(key)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read tensor {key!r} from {f.name}: {e}",
                               "the file is truncated or corrupt; download it again") from e
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        kind = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+        raise CheckpointError(f"tensor {key!r} in {f.name} holds {n_bad} {kind} value(s); every output would be "
+                              f"{kind}", "the weights are corrupt (or from a diverged training run); download or "
+                                         "re-export the checkpoint")
+    return t
 
 
 def _non_weight_entries(model, adapter) -> set[str]:

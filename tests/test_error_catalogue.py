@@ -183,6 +183,29 @@ def _metric(logits):
     return logits[0, -1, 0]
 
 
+def _with_env(env: dict, fn):
+    with mock.patch.dict(os.environ, env):
+        return fn()
+
+
+def _with_inf(ctx, key: str) -> torch.Tensor:
+    w = load_file(ctx.tiny_dir / "model.safetensors")[key].clone()
+    w.view(-1)[7] = float("inf")
+    return w
+
+
+def _silent_hub():
+    """snapshot_download that never returns (an endpoint that accepts and never answers), with a 0.5 s limit."""
+    import threading
+
+    never = threading.Event()
+    with mock.patch("huggingface_hub.snapshot_download", side_effect=lambda *a, **k: never.wait(30)):
+        try:
+            return _with_env({"AV_LENS_HUB_TIMEOUT": "0.5", "HF_HUB_OFFLINE": "0"}, lambda: _load("someone/slow-model"))
+        finally:
+            never.set()
+
+
 def _short_context(ctx, fn, n: int = 16):
     with mock.patch.object(ctx.model.cfg, "n_ctx", n):
         return fn()
@@ -685,6 +708,55 @@ CASES += [
     Case("generate-do-sample-not-bool", "inputs",
          lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, do_sample="yes"),
          InputError, ("do_sample must be True or False, got 'yes'",), ("do_sample=True",)),
+    # ---- loading ------------------------------------------------------------------------------------------------
+    Case("load-name-none", "loading", lambda ctx: _load(None),
+         CheckpointError, ("the model name is None (NoneType), not a folder or hub id",), ("'Qwen/Qwen2.5-Omni-3B'",)),
+    Case("load-name-empty", "loading", lambda ctx: _load(""),
+         CheckpointError, ("the model name is empty", "would load the working directory"), ("a checkpoint folder",)),
+    Case("load-name-not-a-string", "loading", lambda ctx: _load(3),
+         CheckpointError, ("the model name is 3 (int)",), ("'av-lens/organism'",)),
+    Case("load-dtype-int8", "loading", lambda ctx: _load(ctx.tiny_dir, dtype=torch.int8),
+         CheckpointError, ("dtype torch.int8 cannot hold the model's weights",), ("torch.bfloat16", "quantised")),
+    Case("load-dtype-float8", "loading", lambda ctx: _load(ctx.tiny_dir, dtype=torch.float8_e4m3fn),
+         CheckpointError, ("dtype torch.float8_e4m3fn cannot hold",), ("torch.float32",)),
+    Case("load-dtype-not-a-string", "loading", lambda ctx: _load(ctx.tiny_dir, dtype=16),
+         CheckpointError, ("dtype must be a string or a torch.dtype, got 16",), ("dtype='bf16'",)),
+    Case("load-index-json-cut-off", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "index-cut", lambda d: (d / "model.safetensors.index.json").write_text(
+             '{"metadata": {"total_size": 1}, "weight_map": {"model.norm.weight": "model-0000'))),
+         CheckpointError, ("model.safetensors.index.json is not a valid safetensors index", "JSONDecodeError"),
+         ("truncated or corrupt", "download model.safetensors.index.json again")),
+    Case("load-index-json-without-weight-map", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "index-nomap", lambda d: (d / "model.safetensors.index.json").write_text(
+             '{"metadata": {}}'))),
+         CheckpointError, ("is not a valid safetensors index (KeyError",), ("download model.safetensors.index.json",)),
+    Case("load-tokenizer-truncated", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "tok-cut", lambda d: (d / "tokenizer.json").write_text(
+             (d / "tokenizer.json").read_text()[:500]))),
+         CheckpointError, ("tokenizer.json is not valid JSON",), ("truncated or corrupt", "download tokenizer.json again")),
+    Case("load-tokenizer-vocabulary-missing", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "tok-missing", lambda d: (d / "tokenizer.json").unlink())),
+         CheckpointError, ("has tokenizer_config.json but no tokenizer vocabulary",), ("download is incomplete",)),
+    Case("load-processor-config-truncated", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "proc-cut", lambda d: [(d / f).write_text("{") for f in
+                                                                   ("processor_config.json", "preprocessor_config.json")
+                                                                   if (d / f).exists()])),
+         CheckpointError, ("config.json is not valid JSON",), ("truncated or corrupt",)),
+    Case("load-weights-nan", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "nan", _edit_weights(_set("model.norm.weight", torch.full((64,), float("nan")))))),
+         CheckpointError, ("tensor 'model.norm.weight' in model.safetensors holds 64 NaN value(s)",),
+         ("the weights are corrupt", "re-export")),
+    Case("load-weights-inf", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "inf", _edit_weights(
+             _set("model.layers.0.mlp.up_proj.weight", _with_inf(ctx, "model.layers.0.mlp.up_proj.weight"))))),
+         CheckpointError, ("'model.layers.0.mlp.up_proj.weight' in model.safetensors holds 1 infinite value(s)",),
+         ("download or re-export the checkpoint",)),
+    Case("load-hub-never-answers", "loading", lambda ctx: _silent_hub(),
+         CheckpointError, ("did not answer within 0.5 s while looking up 'someone/slow-model'",),
+         ("raise AV_LENS_HUB_TIMEOUT", "huggingface-cli download someone/slow-model")),
+    Case("load-hub-timeout-setting-invalid", "loading",
+         lambda ctx: _with_env({"AV_LENS_HUB_TIMEOUT": "-1", "HF_HUB_OFFLINE": "0"}, lambda: _load("someone/model")),
+         CheckpointError, ("AV_LENS_HUB_TIMEOUT='-1' is not a positive number of seconds",), ("AV_LENS_HUB_TIMEOUT=30",)),
     Case("media-load-max-seconds-negative", "media", lambda ctx: load_video(ctx.files["film"], max_seconds=-1),
          MediaError, ("max_seconds must be positive, got -1",), ("max_seconds=30",)),
 ]
