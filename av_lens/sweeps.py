@@ -425,24 +425,78 @@ def load_model(name: str, dtype: str, where):
     return HookedAVTransformer.from_pretrained(name, dtype=dtype, device=where)
 
 
-def run(args, log: Callable[[str], None] = print) -> list[dict] | None:
-    """``av-lens sweep``: shard, evaluate, barrier, gather on rank 0 (returns the table there, None elsewhere)."""
-    rank, world = dist_context()
-    out = Path(args.out)
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}", "pass e.g. 4")
+def check_args(args) -> list[tuple[str, str]]:
+    """``av-lens sweep``'s arguments, checked before any model loads or row is computed; returns the knockouts."""
+    from av_lens.cli import check_out
+    from av_lens.layout import as_selector
+    from av_lens.loading import _parse_dtype, resolve_folder
+
+    check_out(args.out, "folder")
+    for opt, v, lo in (("--max-new-tokens", args.max_new_tokens, 1), ("--pairs", args.pairs, 1),
+                       ("--gpus-per-rank", args.gpus_per_rank, 1), ("--seed", args.seed, 0)):
+        if v < lo:
+            raise InputError(f"{opt} must be at least {lo}, got {v}", f"pass e.g. {opt} {max(lo, 4 if lo else 0)}")
+    _parse_dtype(args.dtype)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise InputError(f"unknown --device {args.device!r}", "pass auto, cpu, cuda or cuda:N")
+    if args.manifest is None:
+        from av_lens.organism.world import QUESTIONS
+
+        if args.question not in QUESTIONS:
+            raise InputError(f"unknown --question {args.question!r}", f"use one of {sorted(QUESTIONS)}")
+    elif not Path(args.manifest).is_file():
+        raise InputError(f"the manifest {args.manifest!r} does not exist", "pass a JSONL file with one clip pair per line")
+    conditions = [c.strip() for c in args.conditions.split(",")]
+    bad = [c for c in conditions if c not in CONDITIONS]
+    if bad or not conditions:
+        raise InputError(f"unknown --conditions {bad or conditions}", f"use some of {list(CONDITIONS)}, comma-separated")
+    if args.windows is not None:
+        parse_windows(args.windows)
     knockouts = []
     for k in args.knockouts.split(","):
         q, sep, keys = k.strip().partition(":")
         if not sep or not q or not keys:
             raise InputError(f"cannot read the knockout {k!r}", "write knockouts as query:keys, e.g. generated:video")
+        for part in (q, keys):
+            try:
+                as_selector(part)
+            except AVLensError as e:
+                raise InputError(f"--knockouts {k.strip()!r}: {e.problem}", e.fix) from None
         knockouts.append((q, keys))
+    resolve_folder(args.model)
+    return knockouts
+
+
+def check_knockouts_match(knockouts, samples) -> None:
+    """Refuse a knockout whose positions the (first) sample does not have, before any row is computed: its rows
+    would silently equal the rows without knockout."""
+    from av_lens.analysis._common import selector_mask
+
+    if not len(samples):
+        return
+    layout = samples[0].factual.layout
+    for q, k in knockouts:
+        for sel, what in ((k, "key"), (q, "query")):
+            if what == "query" and "generated" in sel:
+                continue
+            if not bool(selector_mask(layout, sel, what, require=False).any()):
+                raise InputError(f"the knockout {q}:{k} cannot act: its {what} selector {sel!r} matches no position "
+                                 f"of sample 0, so its rows would equal the rows without knockout",
+                                 f"choose positions these samples have: {layout.counts()}")
+
+
+def run(args, log: Callable[[str], None] = print) -> list[dict] | None:
+    """``av-lens sweep``: shard, evaluate, barrier, gather on rank 0 (returns the table there, None elsewhere)."""
+    knockouts = check_args(args)  # everything that can be checked before the model loads
+    rank, world = dist_context()
+    out = Path(args.out)
     model = load_model(args.model, args.dtype, rank_device(args.device, args.gpus_per_rank))
     n_layers = model.cfg.n_layers
     windows = parse_windows(args.windows, n_layers) if args.windows else [range(l, l + 1) for l in range(n_layers)]
     samples = (manifest_samples(model, args.manifest) if args.manifest
                else organism_samples(model, args.pairs, args.seed, question=args.question))
     n = len(samples)
+    check_knockouts_match(knockouts, samples)
     items = study_items(n, windows, conditions=tuple(c.strip() for c in args.conditions.split(",")), knockouts=knockouts)
     spec = {"model": args.model, "samples": args.manifest or f"organism_pairs(n={args.pairs}, seed={args.seed}, "
                                                              f"question={args.question!r})",
