@@ -15,6 +15,7 @@ from av_lens import adapters  # noqa: E402,F401  (registers the architecture ada
 from av_lens.config import AVConfig  # noqa: E402
 from av_lens.errors import (AVLensError, CheckpointError, HookNameError, InputError, LayoutError,  # noqa: E402
                             MediaError)
+from av_lens.errors import AVLensWarning  # noqa: E402
 from av_lens.inputs import AVInput  # noqa: E402
 from av_lens.layout import MediaItem, MediaSpec, Modality, ModalityLayout, S, Sel, TokenIds, build_layout  # noqa: E402
 from av_lens.model import AVActivationCache, HookedAVTransformer, RunState  # noqa: E402
@@ -26,3 +27,4 @@ __all__ = [
     "HookedAVTransformer", "InputError", "LayoutError", "MediaError", "MediaItem", "MediaSpec", "Modality",
     "ModalityLayout", "RunState", "S", "Sel", "TokenIds", "build_layout",
 ]
+__all__ += ["AVLensWarning"]

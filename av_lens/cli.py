@@ -18,6 +18,77 @@ import time
 from av_lens.errors import AVLensError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option like every other refused input: ``av-lens <command>: <problem>.
+    Fix: <fix>`` on stderr, exit status 2 (after the usage line), never a traceback."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        fix = f"run `{self.prog} --help` for the options and the values they take"
+        if "required" in message:
+            fix = f"add the missing option(s); {fix}"
+        elif "invalid" in message:
+            fix = f"give the option a value of the right type; {fix}"
+        elif "unrecognized" in message or "ignored explicit argument" in message:
+            fix = f"check the spelling (flags such as --quiet take no value); {fix}"
+        self.exit(2, f"{self.prog}: {message.rstrip('.')}. Fix: {fix}\n")
+
+
+def check_out(path: str, kind: str = "file") -> None:
+    """Refuse an output path that cannot be written, before any computation: a directory (or file) where the
+    other is wanted, a parent that is a file, a missing or read-only folder, an empty path."""
+    from pathlib import Path
+
+    from av_lens.errors import InputError
+
+    if not str(path).strip():
+        raise InputError("--out is empty", "pass an output path, e.g. --out report.html")
+    p = Path(path).expanduser()
+    if kind == "file" and p.is_dir():
+        raise InputError(f"--out {str(p)!r} is a directory, not a file",
+                         f"pass a file path, e.g. --out {str(p / 'av_lens_report.html')!r}")
+    if kind == "folder" and p.exists() and not p.is_dir():
+        raise InputError(f"--out {str(p)!r} is a file, not a folder", "pass a folder path (it is created if missing)")
+    anc = p if kind == "folder" else p.parent
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if anc.exists() and not anc.is_dir():
+        raise InputError(f"--out {str(p)!r} lies under {str(anc)!r}, which is a file", "pass a path in a folder")
+    if kind == "file" and not p.parent.exists():
+        raise InputError(f"the folder of --out {str(p)!r} does not exist", f"create it first (mkdir -p {p.parent})")
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(dir=anc, prefix=".av_lens_write_check_")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise InputError(f"cannot write to {str(anc)!r} for --out {str(p)!r} ({e.strerror or e})",
+                         "pass an --out in a folder you can write to") from None
+
+
+def _check_report_args(args) -> None:
+    """Everything of ``report`` / ``demo`` that can be checked before a model loads."""
+    from av_lens.errors import InputError
+    from av_lens.loading import resolve_folder
+
+    check_out(args.out, "file")
+    fps, side = getattr(args, "fps", 2.0), getattr(args, "max_side", 448)
+    if not (0 < fps < float("inf")):
+        raise InputError(f"--fps must be a positive number, got {fps}", "pass e.g. --fps 2")
+    if side < 1:
+        raise InputError(f"--max-side must be at least 1 pixel, got {side}", "pass e.g. --max-side 448")
+    for opt, name in (("--model", args.model), ("--base", args.base)):
+        if name is None or (opt == "--base" and name == "none"):
+            continue
+        try:
+            resolve_folder(name)
+        except AVLensError as e:
+            raise type(e)(f"{opt}: {e.problem}", e.fix) from None
+
+
 def _load(name: str | None, default: str):
     from av_lens import HookedAVTransformer
 
@@ -33,6 +104,7 @@ def report(args) -> int:
 
     hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
+    _check_report_args(args)
     if args.video is None:
         if args.audio or args.counterfactual_audio:
             from av_lens.errors import InputError
@@ -85,9 +157,10 @@ def sweep(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="av-lens", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``av-lens`` argument parser (tests enumerate its options)."""
+    parser = _Parser(prog="av-lens", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     for name, helptext in (("demo", "the report on the built-in factual/counterfactual pair, offline, with a summary"),
                            ("report", "write one self-contained HTML report for a clip or a factual/counterfactual pair")):
         d = sub.add_parser(name, help=helptext)
@@ -110,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0, help="seed of the organism pairs")
     s.add_argument("--question", default="describe", help="organism question (describe, hear, see)")
     s.add_argument("--manifest", default=None, help="JSONL of real clip pairs (see av_lens.sweeps.manifest_samples)")
-    s.add_argument("--windows", default=None, help="knockout windows as first-last layers, e.g. 0-1,2-3 "
-                                                   "(default: every single layer)")
+    s.add_argument("--windows", default=None, help="knockout windows as half-open start:stop layer ranges "
+                                                   "(Python slices), e.g. 0:2,2:4 = layers 0-1 and 2-3; a lone N is "
+                                                   "layer N (default: every single layer)")
     s.add_argument("--knockouts", default="generated:video,generated:audio", help="query:keys groups to cut")
     s.add_argument("--conditions", default="factual,counterfactual")
     s.add_argument("--max-new-tokens", type=int, default=4)
@@ -120,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--gpus-per-rank", type=int, default=1, help="with --device auto: spread each rank's model "
                                                                  "over this many GPUs (planned device map)")
     s.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd == "sweep":
         try:

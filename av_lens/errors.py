@@ -43,6 +43,24 @@ class InputError(AVLensError):
     """A model input of the wrong type, dtype or device."""
 
 
+class AVLensWarning(UserWarning):
+    """A legal input that is almost surely a mistake (e.g. float frames in [0, 1]); same ``problem. Fix: fix`` text.
+
+    Turn these into errors with ``warnings.simplefilter("error", AVLensWarning)``."""
+
+    def __init__(self, problem: str, fix: str):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem.rstrip('.')}. Fix: {fix}")
+
+
+def warn(problem: str, fix: str, stacklevel: int = 3) -> None:
+    """Emit an :class:`AVLensWarning`."""
+    import warnings
+
+    warnings.warn(AVLensWarning(problem, fix), stacklevel=stacklevel)
+
+
 def unknown_hook_error(name: str, known: Iterable[str]) -> HookNameError:
     known = list(known)
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)

@@ -76,13 +76,15 @@ def generate(model, inputs, max_new_tokens: int = 32, *, do_sample: bool = False
     by the new tokens). Defaults differ from TL's on purpose: greedy (TL samples), no progress bar (TL shows
     one), and ``return_type=None`` returns a :class:`Generation` (sequences, new tokens, text, grown layout).
     """
+    from av_lens.input_checks import check_context, check_generation_args
+
+    check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
     original = inputs
     if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(x, str) for x in inputs)):
         inputs = model.to_tokens(inputs, prepend_bos=prepend_bos, padding_side=padding_side)
     inp = model.to_input(inputs, prepend_bos=prepend_bos, padding_side=padding_side)
     model._check_input(inp)
-    if max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}", "ask for one or more tokens")
+    check_context(model, inp, max_new_tokens)
     if return_type not in (None, "str", "tokens", "input"):
         raise InputError(f"return_type must be 'str', 'tokens', 'input' or None, got {return_type!r}",
                          "pass one of those (None returns a Generation with sequences, new tokens, text and layout)")

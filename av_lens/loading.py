@@ -22,7 +22,7 @@ import torch
 from av_lens.adapters import adapter_for
 from av_lens.errors import CheckpointError
 # resolve_folder and the embedded-checkpoint table live in av_lens.hub (below the adapters); re-exported here
-from av_lens.hub import BUILTIN_CHECKPOINTS, HUB_PATTERNS as _HUB_PATTERNS, resolve_folder  # noqa: F401
+from av_lens.hub import BUILTIN_CHECKPOINTS, HUB_PATTERNS as _HUB_PATTERNS, HUB_TIMEOUT, hub_timeout, resolve_folder  # noqa: F401,E501
 from av_lens.registry import find_spec, get_spec
 
 #: a weight-map value "key[a:b]" names rows a..b-1 (first dimension) of the checkpoint tensor "key"
@@ -42,7 +42,12 @@ def _default_dtype(dtype: torch.dtype):
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})",
+                                  "the file is truncated or corrupt; download model.safetensors.index.json again") from e
         files = [folder / n for n in names]
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -60,7 +65,13 @@ def _weight_files(folder: Path) -> list[Path]:
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point or dtype.itemsize < 2:
+            raise CheckpointError(f"dtype {dtype} cannot hold the model's weights and activations (not a 16/32/64-bit "
+                                  "float type)", "use torch.float32, torch.bfloat16 or torch.float16 (quantised "
+                                                 "weights are not supported)")
         return dtype
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"dtype must be a string or a torch.dtype, got {dtype!r}", "pass e.g. dtype='bf16'")
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
@@ -113,8 +124,34 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
 def _load_tokenizer_and_processor(folder: Path, hf_config=None):
     """The folder's tokenizer and processor. ``hf_config``: the converted config, passed on for a custom-code
     config.json (phi4mm) so that transformers does not read that file itself (it would ask for remote code)."""
+    try:
+        return _load_tokenizer_and_processor_unchecked(folder, hf_config)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers / transformers raise many types for a broken file
+        present = sorted(p.name for p in folder.iterdir() if "token" in p.name or "processor" in p.name
+                         or p.name in ("vocab.json", "merges.txt", "chat_template.jinja"))
+        raise CheckpointError(f"cannot load the tokenizer / processor of {folder} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}; files present: {present})",
+                              "a tokenizer file is missing, truncated or corrupt; download tokenizer.json, "
+                              "tokenizer_config.json and the processor configs again") from e
+
+
+def _load_tokenizer_and_processor_unchecked(folder: Path, hf_config=None):
     tokenizer = processor = None
     kw = {} if hf_config is None else {"config": hf_config}
+    for f in ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        if (folder / f).exists():
+            try:
+                json.loads((folder / f).read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise CheckpointError(f"{folder / f} is not valid JSON ({e})",
+                                      f"the file is truncated or corrupt; download {f} again") from e
+    if (folder / "tokenizer_config.json").exists() and not any(
+            (folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")):
+        raise CheckpointError(f"{folder} has tokenizer_config.json but no tokenizer vocabulary (tokenizer.json, "
+                              "vocab.json + merges.txt or tokenizer.model)",
+                              "the download is incomplete; fetch tokenizer.json (or the vocabulary files) again")
     if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
@@ -239,10 +276,17 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
 
 def _read(handle, key: str, f: Path) -> torch.Tensor:
     try:
-        return handle.get_tensor(key)
+        t = handle.get_tensor(key)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot read tensor {key!r} from {f.name}: {e}",
                               "the file is truncated or corrupt; download it again") from e
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        kind = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+        raise CheckpointError(f"tensor {key!r} in {f.name} holds {n_bad} {kind} value(s); every output would be "
+                              f"{kind}", "the weights are corrupt (or from a diverged training run); download or "
+                                         "re-export the checkpoint")
+    return t
 
 
 def _non_weight_entries(model, adapter) -> set[str]:

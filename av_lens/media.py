@@ -156,6 +156,8 @@ def load_video(path: str | os.PathLike, *, fps: float = 2.0, max_frames: int | N
         raise MediaError(f"max_frames must be at least 1, got {max_frames}", "pass max_frames=None for no limit")
     if max_side is not None and max_side < 1:
         raise MediaError(f"max_side must be at least 1 pixel, got {max_side}", "pass e.g. max_side=448, or None")
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise MediaError(f"max_seconds must be positive, got {max_seconds!r}", "pass e.g. max_seconds=30, or None")
     p = _check_path(path, "video")
     container = _open(p, "video")
     with container, _decoding(p, "video"):

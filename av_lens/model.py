@@ -486,6 +486,9 @@ class HookedAVTransformer(HookedRootModule):
         """
         inp = self.to_input(input, attention_mask=attention_mask, prepend_bos=prepend_bos, padding_side=padding_side)
         self._check_input(inp)
+        from av_lens.input_checks import check_context
+
+        check_context(self, inp)
         dev = self.device
         with self.running(inp.layout, 0, inp.input_ids.shape[1]):
             embeds = self.embed_input(inp)
@@ -533,6 +536,26 @@ class HookedAVTransformer(HookedRootModule):
         return -(lp * valid).sum() / valid.sum().clamp(min=1)
 
     # ------------------------------------------------------------------------------------------- hooks & cache
+    def _enable_hook(self, name, hook, dir):
+        from av_lens.hook_checks import check_callable, checked_hook
+
+        check_callable(name if isinstance(name, str) else "a name filter", hook)
+        return super()._enable_hook(name, checked_hook(hook, dir), dir)
+
+    def check_and_add_hook(self, hook_point, hook_point_name, hook, dir="fwd", is_permanent=False, level=None,
+                           prepend=False) -> None:
+        from av_lens.hook_checks import check_callable, checked_hook
+
+        check_callable(hook_point_name, hook)
+        return super().check_and_add_hook(hook_point, hook_point_name, checked_hook(hook, dir), dir=dir,
+                                          is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), *args, **kwargs):
+        from av_lens.hook_checks import check_hook_pairs
+
+        return super().hooks(check_hook_pairs(fwd_hooks, "fwd_hooks"), check_hook_pairs(bwd_hooks, "bwd_hooks"),
+                             *args, **kwargs)
+
     def _enable_hook_with_name(self, name: str, hook, dir):
         if name not in self.hook_dict:
             raise unknown_hook_error(name, self.hook_dict)

@@ -13,6 +13,7 @@ A video's soundtrack goes in ``video_audio`` (one waveform per video) and is int
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -49,6 +50,9 @@ def check_audio(wav: Any, expected_sr: int, what: str, max_seconds: float | None
                          f"resample it to {expected_sr} Hz first (e.g. torchaudio.functional.resample)")
     if arr.ndim == 2 and 1 in arr.shape:
         arr = arr.reshape(-1)
+    if arr.ndim == 2 and arr.shape[1] < arr.shape[0] and arr.shape[1] <= 8:  # (samples, channels), as soundfile gives
+        raise MediaError(f"{what} has shape {arr.shape} (samples x {arr.shape[1]} channels); a mono waveform is 1-D",
+                         "mix the channels down to mono over the last axis (wav.mean(axis=1)), not axis 0")
     if arr.ndim != 1:
         raise MediaError(f"{what} has shape {arr.shape}; a mono waveform is 1-D",
                          "mix the channels down to mono (e.g. wav.mean(axis=0))")
@@ -61,6 +65,12 @@ def check_audio(wav: Any, expected_sr: int, what: str, max_seconds: float | None
         raise MediaError(f"{what} has dtype {arr.dtype}", "pass float samples in [-1, 1]")
     if not np.isfinite(arr).all():
         raise MediaError(f"{what} contains NaN or infinite samples", "clean the waveform (np.nan_to_num) first")
+    peak = float(np.abs(arr).max())
+    if peak > 2.0:
+        raise MediaError(f"{what} has float samples up to {peak:g} in magnitude; float audio lies in [-1, 1]"
+                         + (" (this looks like int16-scale samples stored as float)" if peak >= 100 else ""),
+                         "divide by the full scale first (wav / 32768 for int16-scale samples), or normalise "
+                         "with wav / np.abs(wav).max()")
     if arr.size < 640:
         raise MediaError(f"{what} has {arr.size} samples ({arr.size / expected_sr * 1000:.0f} ms), shorter than one "
                          "40 ms audio token", "pass at least 640 samples")
@@ -70,11 +80,49 @@ def check_audio(wav: Any, expected_sr: int, what: str, max_seconds: float | None
     return arr.astype(np.float32, copy=False)
 
 
+def check_pixels(arr: np.ndarray, what: str) -> None:
+    """Pixel values the processor reads as intended: uint8 (or integers) in 0..255, or floats in [0, 255].
+
+    Bool, NaN/Inf, negative or > 255 values are refused; float frames that all lie in [0, 1] are warned about
+    (the processor divides by 255, so they would be read as an almost black picture)."""
+    if arr.dtype == bool:
+        raise MediaError(f"{what} has bool pixels (a mask?), not RGB values",
+                         "pass uint8 RGB values in 0..255 (e.g. mask.astype(np.uint8) * 255)")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise MediaError(f"{what} has dtype {arr.dtype}, not pixel values", "pass uint8 RGB values in 0..255")
+    if arr.size == 0 or arr.dtype == np.uint8:
+        return
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        raise MediaError(f"{what} has NaN or infinite pixel values", "clean the frames (np.nan_to_num) first")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > 255:
+        raise MediaError(f"{what} has pixel values in [{lo:g}, {hi:g}], outside 0..255 ({arr.dtype})",
+                         "pass uint8 RGB values in 0..255 (e.g. np.clip(frames, 0, 255).astype(np.uint8))")
+    if np.issubdtype(arr.dtype, np.floating) and hi <= 1.0:
+        from av_lens.errors import warn
+
+        warn(f"{what} holds float pixels in [{lo:g}, {hi:g}]: the processor reads pixels on a 0..255 scale, so "
+             "this is an almost black picture",
+             "pass (frames * 255).astype(np.uint8) if the frames are on a 0..1 scale", stacklevel=4)
+
+
+def _not_an_array(x: Any, what: str, kind: str) -> None:
+    if isinstance(x, (str, bytes, os.PathLike)):
+        raise MediaError(f"{what} is a {type(x).__name__} ({str(x)[:80]!r}), not {kind}",
+                         "decode the file first: av_lens.media.load_video(path) for a video; "
+                         "PIL.Image.open(path).convert('RGB') or np.asarray(...) for an image")
+
+
 def check_video(frames: Any, what: str) -> Any:
+    _not_an_array(frames, what, "an array of frames")
     arr = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else frames
     if isinstance(arr, (list, tuple)):
         if len(arr) == 0:
             raise MediaError(f"{what} has no frames", "pass at least one frame (T x H x W x 3)")
+        shapes = sorted({np.shape(f) for f in arr})
+        if len(shapes) > 1:
+            raise MediaError(f"{what} is a list of frames of different shapes {shapes[:4]}",
+                             "resize every frame to one (H, W, 3) size before stacking")
         arr = np.stack([np.asarray(f) for f in arr])
     arr = np.asarray(arr)
     if arr.ndim != 4:
@@ -88,6 +136,7 @@ def check_video(frames: Any, what: str) -> Any:
         raise MediaError(f"{what} has {arr.shape[-1]} channels", "pass RGB frames (T, H, W, 3)")
     if min(arr.shape[1:3]) < 1:
         raise MediaError(f"{what} has empty frames {arr.shape[1:3]}", "pass frames of at least 28 x 28 pixels")
+    check_pixels(arr, what)
     return arr
 
 
@@ -96,12 +145,14 @@ def check_image(img: Any, what: str) -> Any:
         if min(img.size) < 1:
             raise MediaError(f"{what} is empty", "pass a non-empty image")
         return img
+    _not_an_array(img, what, "an image")
     arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise MediaError(f"{what} has shape {arr.shape}; an image is H x W x 3",
                          "pass an RGB array (H, W, 3) or a PIL image")
     if min(arr.shape[:2]) < 1:
         raise MediaError(f"{what} is empty {arr.shape}", "pass a non-empty image")
+    check_pixels(arr, what)
     return arr
 
 

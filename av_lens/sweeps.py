@@ -28,11 +28,12 @@ condition (``"sound"``, ``"counterfactual_sound"``) and the sound that goes with
 (``"picture_sound"``): :func:`organism_samples` builds them from the organism's world, :func:`manifest_samples`
 from a JSONL manifest of real clips. A row is::
 
-    {"key": "3/counterfactual/generated->video/2-3", "sample": 3, "condition": "counterfactual",
-     "query": "generated", "keys": "video", "window": [2, 3], "caption": "dog and ring",
+    {"key": "3/counterfactual/generated->video/2:4", "sample": 3, "condition": "counterfactual",
+     "query": "generated", "keys": "video", "window": [2, 4], "caption": "dog and ring",
      "audio_fidelity": 1.0, "picture_fidelity": 0.0}
 
-(``window`` null and query/keys ``"none"`` for the run without knockout). ``sweep.json`` in the folder records
+(``window`` is half-open ``[start, stop]``, layers start..stop-1 as in ``range``; null, with query/keys
+``"none"``, for the run without knockout). ``sweep.json`` in the folder records
 the sweep's arguments; a restart with other arguments is refused.
 
 Testing hook: ``AV_LENS_SWEEP_FAIL_AFTER=RANK:K`` makes rank RANK write K rows, then half of the next line,
@@ -44,6 +45,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,11 +72,11 @@ class WorkItem:
     condition: str  # "factual" | "counterfactual"
     query: str = "none"
     keys: str = "none"
-    window: tuple[int, int] | None = None  # first and last layer, inclusive
+    window: tuple[int, int] | None = None  # (start, stop): layers start..stop-1, half-open like range()
 
     @property
     def key(self) -> str:
-        ko = "none" if self.window is None else f"{self.query}->{self.keys}/{self.window[0]}-{self.window[1]}"
+        ko = "none" if self.window is None else f"{self.query}->{self.keys}/{self.window[0]}:{self.window[1]}"
         return f"{self.sample}/{self.condition}/{ko}"
 
     @property
@@ -86,15 +88,18 @@ class WorkItem:
 CONDITIONS = ("factual", "counterfactual")
 
 
-def study_items(n_samples: int, windows: Sequence[Sequence[int]], *, conditions: Sequence[str] = CONDITIONS,
+def study_items(n_samples: int, windows: Sequence[range], *, conditions: Sequence[str] = CONDITIONS,
                 knockouts: Sequence[tuple[str, str]] = (("generated", "video"), ("generated", "audio"))) -> list[WorkItem]:
-    """Per sample and condition: one item without knockout, then one per knockout and window."""
+    """Per sample and condition: one item without knockout, then one per knockout and window (``windows``:
+    half-open ``range(start, stop)`` objects or ``"start:stop"`` strings)."""
+    from av_lens.analysis._common import as_window
+
     if n_samples < 1:
         raise InputError(f"a sweep needs at least one sample, got {n_samples}", "pass --pairs 1 or more")
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or not conditions:
         raise InputError(f"unknown conditions {bad or list(conditions)}", f"use some of {list(CONDITIONS)}")
-    wins = [(min(w), max(w)) for w in windows]
+    wins = [(r.start, r.stop) for r in (as_window(w) for w in windows)]
     items = []
     for s in range(n_samples):
         for c in conditions:
@@ -103,19 +108,26 @@ def study_items(n_samples: int, windows: Sequence[Sequence[int]], *, conditions:
     return items
 
 
-def parse_windows(text: str, n_layers: int) -> list[tuple[int, int]]:
-    """``"0-1,2-3,3"`` -> [(0, 1), (2, 3), (3, 3)], checked against the model's layers."""
+def parse_windows(text: str, n_layers: int | None = None) -> list[range]:
+    """``"0:2,2:4,3"`` -> [range(0, 2), range(2, 4), range(3, 4)]: half-open start:stop layer windows, as Python
+    slices (a lone number is that one layer), checked against the model's layers when ``n_layers`` is given.
+    The old first-last form (``0-3``) is refused: it would silently mean one layer more than ``0:3``."""
+    from av_lens.analysis._common import as_window
+
     out = []
     for part in text.split(","):
-        try:
-            lo, _, hi = part.strip().partition("-")
-            w = (int(lo), int(hi or lo))
-        except ValueError:
-            raise InputError(f"cannot read the window {part!r} in {text!r}",
-                             "write windows as first-last layer ranges: --windows 0-1,2-3") from None
-        if not 0 <= w[0] <= w[1] < n_layers:
-            raise InputError(f"the window {part.strip()!r} is outside the model's layers 0..{n_layers - 1}",
-                             f"use windows within 0-{n_layers - 1}")
+        p = part.strip()
+        if re.fullmatch(r"\d+\s*-\s*\d+", p):
+            a, b = (int(x) for x in p.split("-"))
+            raise InputError(f"the window {p!r} uses the old first-last form",
+                             f"write half-open start:stop windows, as Python slices: --windows {a}:{b + 1} for "
+                             f"layers {a}..{b}")
+        if re.fullmatch(r"\d+", p):
+            p = f"{p}:{int(p) + 1}"
+        w = as_window(p, None, "window")
+        if n_layers is not None and w.stop > n_layers:
+            raise InputError(f"the window {part.strip()!r} is outside the model's layers 0:{n_layers}",
+                             f"use windows within 0:{n_layers} (half-open; the last layer is {n_layers - 1})")
         out.append(w)
     return out
 
@@ -291,7 +303,7 @@ def run_shard(model, samples, items: Sequence[WorkItem], out: str | os.PathLike,
         heard = pair.meta["sound" if cond == "factual" else "counterfactual_sound"]
         for it in its:
             hooks = [] if it.window is None else knockout_hooks(model, it.query, it.keys,
-                                                                range(it.window[0], it.window[1] + 1))
+                                                                range(it.window[0], it.window[1]))
             gen = model.generate(inp, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
             caption = gen.text[0] if gen.text is not None else " ".join(map(str, gen.new_tokens[0].tolist()))
             row = {"key": it.key, "sample": s, "condition": cond, "query": it.query, "keys": it.keys,
@@ -413,28 +425,82 @@ def load_model(name: str, dtype: str, where):
     return HookedAVTransformer.from_pretrained(name, dtype=dtype, device=where)
 
 
-def run(args, log: Callable[[str], None] = print) -> list[dict] | None:
-    """``av-lens sweep``: shard, evaluate, barrier, gather on rank 0 (returns the table there, None elsewhere)."""
-    rank, world = dist_context()
-    out = Path(args.out)
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}", "pass e.g. 4")
+def check_args(args) -> list[tuple[str, str]]:
+    """``av-lens sweep``'s arguments, checked before any model loads or row is computed; returns the knockouts."""
+    from av_lens.cli import check_out
+    from av_lens.layout import as_selector
+    from av_lens.loading import _parse_dtype, resolve_folder
+
+    check_out(args.out, "folder")
+    for opt, v, lo in (("--max-new-tokens", args.max_new_tokens, 1), ("--pairs", args.pairs, 1),
+                       ("--gpus-per-rank", args.gpus_per_rank, 1), ("--seed", args.seed, 0)):
+        if v < lo:
+            raise InputError(f"{opt} must be at least {lo}, got {v}", f"pass e.g. {opt} {max(lo, 4 if lo else 0)}")
+    _parse_dtype(args.dtype)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise InputError(f"unknown --device {args.device!r}", "pass auto, cpu, cuda or cuda:N")
+    if args.manifest is None:
+        from av_lens.organism.world import QUESTIONS
+
+        if args.question not in QUESTIONS:
+            raise InputError(f"unknown --question {args.question!r}", f"use one of {sorted(QUESTIONS)}")
+    elif not Path(args.manifest).is_file():
+        raise InputError(f"the manifest {args.manifest!r} does not exist", "pass a JSONL file with one clip pair per line")
+    conditions = [c.strip() for c in args.conditions.split(",")]
+    bad = [c for c in conditions if c not in CONDITIONS]
+    if bad or not conditions:
+        raise InputError(f"unknown --conditions {bad or conditions}", f"use some of {list(CONDITIONS)}, comma-separated")
+    if args.windows is not None:
+        parse_windows(args.windows)
     knockouts = []
     for k in args.knockouts.split(","):
         q, sep, keys = k.strip().partition(":")
         if not sep or not q or not keys:
             raise InputError(f"cannot read the knockout {k!r}", "write knockouts as query:keys, e.g. generated:video")
+        for part in (q, keys):
+            try:
+                as_selector(part)
+            except AVLensError as e:
+                raise InputError(f"--knockouts {k.strip()!r}: {e.problem}", e.fix) from None
         knockouts.append((q, keys))
+    resolve_folder(args.model)
+    return knockouts
+
+
+def check_knockouts_match(knockouts, samples) -> None:
+    """Refuse a knockout whose positions the (first) sample does not have, before any row is computed: its rows
+    would silently equal the rows without knockout."""
+    from av_lens.analysis._common import selector_mask
+
+    if not len(samples):
+        return
+    layout = samples[0].factual.layout
+    for q, k in knockouts:
+        for sel, what in ((k, "key"), (q, "query")):
+            if what == "query" and "generated" in sel:
+                continue
+            if not bool(selector_mask(layout, sel, what, require=False).any()):
+                raise InputError(f"the knockout {q}:{k} cannot act: its {what} selector {sel!r} matches no position "
+                                 f"of sample 0, so its rows would equal the rows without knockout",
+                                 f"choose positions these samples have: {layout.counts()}")
+
+
+def run(args, log: Callable[[str], None] = print) -> list[dict] | None:
+    """``av-lens sweep``: shard, evaluate, barrier, gather on rank 0 (returns the table there, None elsewhere)."""
+    knockouts = check_args(args)  # everything that can be checked before the model loads
+    rank, world = dist_context()
+    out = Path(args.out)
     model = load_model(args.model, args.dtype, rank_device(args.device, args.gpus_per_rank))
     n_layers = model.cfg.n_layers
-    windows = parse_windows(args.windows, n_layers) if args.windows else [(l, l) for l in range(n_layers)]
+    windows = parse_windows(args.windows, n_layers) if args.windows else [range(l, l + 1) for l in range(n_layers)]
     samples = (manifest_samples(model, args.manifest) if args.manifest
                else organism_samples(model, args.pairs, args.seed, question=args.question))
     n = len(samples)
+    check_knockouts_match(knockouts, samples)
     items = study_items(n, windows, conditions=tuple(c.strip() for c in args.conditions.split(",")), knockouts=knockouts)
     spec = {"model": args.model, "samples": args.manifest or f"organism_pairs(n={args.pairs}, seed={args.seed}, "
                                                              f"question={args.question!r})",
-            "n_samples": n, "windows": [list(w) for w in windows], "knockouts": [list(k) for k in knockouts],
+            "n_samples": n, "windows": [f"{w.start}:{w.stop}" for w in windows], "knockouts": [list(k) for k in knockouts],
             "conditions": args.conditions, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
     check_spec(out, spec, rank)
     run_shard(model, samples, items, out, rank, world, max_new_tokens=args.max_new_tokens, log=log)

@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -33,7 +34,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from av_lens import AVLensError, CheckpointError, HookedAVTransformer, HookNameError, InputError, LayoutError, MediaError
+from av_lens import AVLensError, AVLensWarning, CheckpointError, HookedAVTransformer, HookNameError, InputError, LayoutError, MediaError
 from av_lens.analysis import (AttentionFlow, KeywordScorer, LinearProbe, LLMJudgeScorer, counterfactual_pair,
                               fidelity, head_ablation_hooks, knockout_hooks, knockout_sweep, logit_lens,
                               patch_by_modality, path_patch_hooks, pooled_residuals, probe_layers, require_aligned,
@@ -43,7 +44,7 @@ from av_lens.media import load_audio, load_clip, load_video
 from av_lens.organism import world
 from av_lens.organism.evaluate import clip_inputs
 from av_lens.placement import plan_device_map
-from av_lens.sweeps import SweepError, gather, study_items
+from av_lens.sweeps import SweepError, gather, parse_windows, study_items
 from conftest import cases
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -195,13 +196,45 @@ def _metric(logits):
     return logits[0, -1, 0]
 
 
+def _with_env(env: dict, fn):
+    with mock.patch.dict(os.environ, env):
+        return fn()
+
+
+def _with_inf(ctx, key: str) -> torch.Tensor:
+    w = load_file(ctx.tiny_dir / "model.safetensors")[key].clone()
+    w.view(-1)[7] = float("inf")
+    return w
+
+
+def _silent_hub():
+    """snapshot_download that never returns (an endpoint that accepts and never answers), with a 0.5 s limit."""
+    import threading
+
+    never = threading.Event()
+    with mock.patch("huggingface_hub.snapshot_download", side_effect=lambda *a, **k: never.wait(30)):
+        try:
+            return _with_env({"AV_LENS_HUB_TIMEOUT": "0.5", "HF_HUB_OFFLINE": "0"}, lambda: _load("someone/slow-model"))
+        finally:
+            never.set()
+
+
+def _short_context(ctx, fn, n: int = 16):
+    with mock.patch.object(ctx.model.cfg, "n_ctx", n):
+        return fn()
+
+
+def _metric2(logits, inputs):
+    return logits[0, -1, 0]
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 #: CLI case id -> its arguments (given the context); all of them start together on the first CLI case
 CLI = {
     "cli-audio-without-video": lambda ctx: ["report", "--audio", str(ctx.files["tone"])],
     "cli-video-not-a-media-file": lambda ctx: ["report", "--video", str(ctx.files["notes"])],
     "cli-model-missing-folder": lambda ctx: ["demo", "--model", str(ctx.tmp / "no_such_model")],
-    "cli-sweep-window-outside-layers": lambda ctx: ["sweep", "--windows", "0-9", "--out", str(ctx.tmp / "sweep-out")],
+    "cli-sweep-window-outside-layers": lambda ctx: ["sweep", "--windows", "0:9", "--out", str(ctx.tmp / "sweep-out")],
 }
 
 
@@ -531,7 +564,7 @@ CASES: list[Case] = [
          lambda ctx: ctx.model.place({"embed": "cpu", "blocks.0": "cpu", "blocks.1": "cpu", "blocks.7": "cpu"}),
          InputError, ("the device map names parts this model does not have: ['blocks.7']",), ("'blocks.0'..'blocks.1'",)),
     Case("sweep-rows-missing", "analyses",
-         lambda ctx: gather(ctx.tmp / "sweep-empty", study_items(1, [(0, 0)], conditions=("factual",), knockouts=())),
+         lambda ctx: gather(ctx.tmp / "sweep-empty", study_items(1, [range(0, 1)], conditions=("factual",), knockouts=())),
          SweepError, ("lacks rows for 1 of 1 items: '0/factual/none'",), ("rerun the same sweep command",)),
     # ---- CLI (python -m av_lens.cli; exit status 2, message on stderr) -----------------------------------------
     Case("cli-audio-without-video", "cli", _cli("cli-audio-without-video"),
@@ -541,9 +574,219 @@ CASES: list[Case] = [
     Case("cli-model-missing-folder", "cli", _cli("cli-model-missing-folder"),
          CLIExit, ("av-lens demo:", "no checkpoint folder at", "no_such_model"), ("existing local folder",)),
     Case("cli-sweep-window-outside-layers", "cli", _cli("cli-sweep-window-outside-layers"),
-         CLIExit, ("av-lens sweep:", "the window '0-9' is outside the model's layers 0..3"), ("windows within 0-3",)),
+         CLIExit, ("av-lens sweep:", "the window '0:9' is outside the model's layers 0:4"), ("windows within 0:4",)),
 ]
 
+
+# ---- second reliability pass (issue 15) ---------------------------------------------------------------------
+def _warned(fn) -> Callable[[SimpleNamespace], object]:
+    """Run ``fn(ctx)`` with AVLensWarning turned into an error, so a warning case raises like an error case."""
+    def build(ctx):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AVLensWarning)
+            return fn(ctx)
+    return build
+
+
+def _frames(dtype, value, shape=(4, 56, 56, 3)):
+    a = np.full(shape, value, dtype=dtype)
+    return a
+
+
+def _vid(ctx, frames):
+    return ctx.model.prepare("x", videos=[frames])
+
+
+def _img(ctx, img):
+    return ctx.model.prepare("x", images=[img])
+
+
+CASES += [
+    # ---- media value ranges ---------------------------------------------------------------------------------
+    Case("prepare-video-float-unit-range", "media", _warned(lambda ctx: _vid(ctx, _frames(np.float32, 0.5))),
+         AVLensWarning, ("videos[0] holds float pixels in [0.5, 0.5]", "0..255 scale", "almost black"),
+         ("(frames * 255).astype(np.uint8)",)),
+    Case("prepare-video-bool-frames", "media", lambda ctx: _vid(ctx, _frames(bool, True)),
+         MediaError, ("videos[0] has bool pixels",), ("uint8 RGB values in 0..255",)),
+    Case("prepare-video-int-above-255", "media", lambda ctx: _vid(ctx, _frames(np.int32, 300)),
+         MediaError, ("videos[0] has pixel values in [300, 300], outside 0..255 (int32)",), ("np.clip(frames, 0, 255)",)),
+    Case("prepare-video-negative-pixels", "media", lambda ctx: _vid(ctx, _frames(np.float32, -1.0)),
+         MediaError, ("videos[0] has pixel values in [-1, -1], outside 0..255",), ("uint8 RGB values",)),
+    Case("prepare-video-nan-pixels", "media", lambda ctx: _vid(ctx, _frames(np.float32, np.nan)),
+         MediaError, ("videos[0] has NaN or infinite pixel values",), ("np.nan_to_num",)),
+    Case("prepare-video-is-a-path", "media", lambda ctx: _vid(ctx, "clip.mp4"),
+         MediaError, ("videos[0] is a str ('clip.mp4'), not an array of frames",), ("av_lens.media.load_video(path)",)),
+    Case("prepare-video-ragged-frames", "media",
+         lambda ctx: _vid(ctx, [np.zeros((56, 56, 3), np.uint8), np.zeros((28, 56, 3), np.uint8)]),
+         MediaError, ("videos[0] is a list of frames of different shapes",), ("resize every frame",)),
+    Case("prepare-image-float-unit-range", "media", _warned(lambda ctx: _img(ctx, _frames(np.float64, 1.0, (56, 56, 3)))),
+         AVLensWarning, ("images[0] holds float pixels in [1, 1]", "almost black"), ("* 255",)),
+    Case("prepare-image-bool", "media", lambda ctx: _img(ctx, _frames(bool, False, (56, 56, 3))),
+         MediaError, ("images[0] has bool pixels",), ("mask.astype(np.uint8) * 255",)),
+    Case("prepare-image-int-above-255", "media", lambda ctx: _img(ctx, _frames(np.int64, 4095, (56, 56, 3))),
+         MediaError, ("images[0] has pixel values in [4095, 4095], outside 0..255 (int64)",), ("uint8 RGB values",)),
+    Case("prepare-image-nan-pixels", "media", lambda ctx: _img(ctx, _frames(np.float32, np.inf, (56, 56, 3))),
+         MediaError, ("images[0] has NaN or infinite pixel values",), ("np.nan_to_num",)),
+    Case("prepare-image-is-a-path", "media", lambda ctx: _img(ctx, Path("cat.png")),
+         MediaError, ("images[0] is a PosixPath ('cat.png'), not an image",), ("PIL.Image.open(path).convert('RGB')",)),
+    Case("prepare-audio-int16-scale-floats", "media",
+         lambda ctx: ctx.model.prepare("x", audio=[ctx.media["wav3"] * 32768]),
+         MediaError, ("audio[0] has float samples up to", "float audio lies in [-1, 1]", "int16-scale"),
+         ("wav / 32768",)),
+    Case("prepare-audio-stereo-channels-last", "media",
+         lambda ctx: ctx.model.prepare("x", audio=[np.stack([ctx.media["wav3"]] * 2, axis=1)]),
+         MediaError, ("audio[0] has shape (48000, 2) (samples x 2 channels)",), ("wav.mean(axis=1)", "not axis 0")),
+    Case("prepare-video-audio-int16-scale", "media",
+         lambda ctx: ctx.model.prepare("x", videos=[ctx.media["video"]], video_audio=[ctx.media["wav5"] * 20000]),
+         MediaError, ("video_audio[0] has float samples up to",), ("wav / 32768",)),
+    # ---- layer windows: half-open ranges only --------------------------------------------------------------
+    Case("window-list-is-ambiguous", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", [[0, 1]], _metric2, progress=False),
+         InputError, ("the knockout window [0, 1] is ambiguous", "layers 0..1 (first-last)", "layers 0..0 (half-open)"),
+         ("range(0, 2) for layers 0..1", "range(0, 1)", "half-open Python ranges")),
+    Case("window-empty-range", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", [range(1, 1)], _metric2, progress=False),
+         InputError, ("the knockout window 1:1 is empty",), ("range(1, 2) for layer 1 alone",)),
+    Case("window-outside-layers", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", [range(0, 9)], _metric2, progress=False),
+         InputError, ("the knockout window 0:9 is outside the model's layers 0:2",), ("within 0:2", "last layer is 1")),
+    Case("window-string-old-form", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", ["0-1"], _metric2, progress=False),
+         InputError, ("cannot read the knockout window '0-1'",), ("'0:4' for layers 0..3",)),
+    Case("window-with-step", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "last_prompt", "audio", [range(0, 2, 2)], _metric2, progress=False),
+         InputError, ("has step 2",), ("contiguous range(start, stop)",)),
+    Case("sweep-items-tuple-window", "analyses", lambda ctx: study_items(1, [(0, 1)]),
+         InputError, ("the knockout window (0, 1) is ambiguous",), ("range(0, 2) for layers 0..1",)),
+    Case("sweep-parse-windows-old-form", "analyses", lambda ctx: parse_windows("0-3", 4),
+         InputError, ("the window '0-3' uses the old first-last form",), ("--windows 0:4 for layers 0..3",)),
+    # ---- hook values and returns ----------------------------------------------------------------------------
+    Case("hook-returns-numpy", "hooks",
+         lambda ctx: ctx.model.run_with_hooks(ctx.text, fwd_hooks=[("blocks.0.hook_resid_post",
+                                                                   lambda x, hook: x.detach().numpy())]),
+         InputError, ("the hook on 'blocks.0.hook_resid_post' returned a ndarray, not a torch.Tensor",),
+         ("torch.as_tensor(a, dtype=x.dtype, device=x.device)",)),
+    Case("hook-returns-wrong-shape", "hooks",
+         lambda ctx: ctx.model.run_with_hooks(ctx.text, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x[:, :-1])]),
+         InputError, ("the hook on 'blocks.0.hook_resid_post' returned shape (1, ", "but the activation has (1, "),
+         ("a tensor of the activation's shape",)),
+    Case("hook-returns-wrong-dtype", "hooks",
+         lambda ctx: ctx.model.run_with_hooks(ctx.text, fwd_hooks=[("blocks.1.hook_mlp_out", lambda x, hook: x.double())]),
+         InputError, ("the hook on 'blocks.1.hook_mlp_out' returned dtype torch.float64 but the activation is torch.float32",),
+         ("out.to(x.dtype)",)),
+    Case("hook-returns-a-number", "hooks",
+         lambda ctx: ctx.model.run_with_hooks(ctx.text, fwd_hooks=[("hook_embed", lambda x, hook: 0.0)]),
+         InputError, ("the hook on 'hook_embed' returned a float, not a torch.Tensor",), ("or None to leave it",)),
+    Case("hook-attn-mask-returns-bool", "hooks",
+         lambda ctx: ctx.model.run_with_hooks(ctx.text, fwd_hooks=[("blocks.0.attn.hook_attn_mask",
+                                                                   lambda m, hook: m == 0)]),
+         InputError, ("'blocks.0.attn.hook_attn_mask' returned a bool mask", "additive", "no longer causal"),
+         ("mask.masked_fill(block, torch.finfo(mask.dtype).min)",)),
+    Case("hook-not-callable", "hooks",
+         lambda ctx: ctx.model.run_with_hooks(ctx.text, fwd_hooks=[("blocks.0.hook_resid_post", "zero")]),
+         InputError, ("the hook given for 'blocks.0.hook_resid_post' is a str",), ("fn(activation, hook)",)),
+    Case("hook-add-hook-not-callable", "hooks", lambda ctx: ctx.model.add_hook("hook_embed", None),
+         InputError, ("the hook given for 'hook_embed' is a NoneType",), ("fn(activation, hook)",)),
+    Case("hook-single-pair-not-list", "hooks",
+         lambda ctx: ctx.model.run_with_hooks(ctx.text, fwd_hooks=("hook_embed", _identity)),
+         InputError, ("fwd_hooks is one (name, hook) pair, not a list of pairs",), ("fwd_hooks=[('hook_embed', fn)]",)),
+    Case("hook-pair-malformed", "hooks",
+         lambda ctx: ctx.model.run_with_hooks(ctx.text, fwd_hooks=[("hook_embed", _identity, "extra")]),
+         InputError, ("fwd_hooks[0] is", "not a (name, hook) pair"), ("fwd_hooks=[('blocks.0.hook_resid_post', fn)",)),
+    Case("hook-generate-returns-wrong-shape", "hooks",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=2,
+                                        fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: x[:1, :1, :3])]),
+         InputError, ("the hook on 'blocks.1.hook_resid_post' returned shape (1, 1, 3)",), ("activation's shape",)),
+    # ---- context length and generation arguments --------------------------------------------------------------
+    Case("input-longer-than-context", "inputs", lambda ctx: _short_context(ctx, lambda: ctx.model(ctx.text)),
+         InputError, ("the input has", "tokens (positions up to", "past the model's context of 16 positions"),
+         ("shorten the prompt", "fewer frames")),
+    Case("input-generate-past-context", "inputs",
+         lambda ctx: _short_context(ctx, lambda: ctx.model.generate(ctx.model.prepare("Hi", chat=False),
+                                                                    max_new_tokens=40), n=32),
+         InputError, ("max_new_tokens=40 would reach position", "past the model's context of 32 positions"),
+         ("lower max_new_tokens to at most",)),
+    Case("input-long-prompt-text", "inputs",
+         lambda ctx: ctx.model.generate(ctx.model.prepare("hello world " * 3000), max_new_tokens=1),
+         InputError, ("past the model's context of 4096 positions",), ("shorten the prompt",)),
+    Case("generate-negative-temperature", "inputs",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, do_sample=True, temperature=-1.0),
+         InputError, ("temperature must be >= 0, got -1.0",), ("do_sample=False for greedy",)),
+    Case("generate-nan-temperature", "inputs",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, do_sample=True, temperature=float("nan")),
+         InputError, ("temperature must be a finite number, got nan",), ("temperature=0.7",)),
+    Case("generate-zero-temperature-sampling", "inputs",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, do_sample=True, temperature=0),
+         InputError, ("do_sample=True with temperature=0",), ("do_sample=False",)),
+    Case("generate-top-p-above-one", "inputs",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, do_sample=True, top_p=1.5),
+         InputError, ("top_p must lie in (0, 1], got 1.5",), ("top_p=0.9",)),
+    Case("generate-top-p-zero", "inputs",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, do_sample=True, top_p=0.0),
+         InputError, ("top_p must lie in (0, 1], got 0.0",), ("top_p=0.9",)),
+    Case("generate-negative-top-k", "inputs",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, do_sample=True, top_k=-5),
+         InputError, ("top_k must be a non-negative integer or None, got -5",), ("top_k=50",)),
+    Case("generate-float-top-k", "inputs",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, do_sample=True, top_k=2.5),
+         InputError, ("top_k must be a non-negative integer or None, got 2.5",), ("top_k=50",)),
+    Case("generate-float-max-new-tokens", "inputs", lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=4.0),
+         InputError, ("max_new_tokens must be an integer, got 4.0 (float)",), ("max_new_tokens=32",)),
+    Case("generate-do-sample-not-bool", "inputs",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, do_sample="yes"),
+         InputError, ("do_sample must be True or False, got 'yes'",), ("do_sample=True",)),
+    # ---- loading ------------------------------------------------------------------------------------------------
+    Case("load-name-none", "loading", lambda ctx: _load(None),
+         CheckpointError, ("the model name is None (NoneType), not a folder or hub id",), ("'Qwen/Qwen2.5-Omni-3B'",)),
+    Case("load-name-empty", "loading", lambda ctx: _load(""),
+         CheckpointError, ("the model name is empty", "would load the working directory"), ("a checkpoint folder",)),
+    Case("load-name-not-a-string", "loading", lambda ctx: _load(3),
+         CheckpointError, ("the model name is 3 (int)",), ("'av-lens/organism'",)),
+    Case("load-dtype-int8", "loading", lambda ctx: _load(ctx.tiny_dir, dtype=torch.int8),
+         CheckpointError, ("dtype torch.int8 cannot hold the model's weights",), ("torch.bfloat16", "quantised")),
+    Case("load-dtype-float8", "loading", lambda ctx: _load(ctx.tiny_dir, dtype=torch.float8_e4m3fn),
+         CheckpointError, ("dtype torch.float8_e4m3fn cannot hold",), ("torch.float32",)),
+    Case("load-dtype-not-a-string", "loading", lambda ctx: _load(ctx.tiny_dir, dtype=16),
+         CheckpointError, ("dtype must be a string or a torch.dtype, got 16",), ("dtype='bf16'",)),
+    Case("load-index-json-cut-off", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "index-cut", lambda d: (d / "model.safetensors.index.json").write_text(
+             '{"metadata": {"total_size": 1}, "weight_map": {"model.norm.weight": "model-0000'))),
+         CheckpointError, ("model.safetensors.index.json is not a valid safetensors index", "JSONDecodeError"),
+         ("truncated or corrupt", "download model.safetensors.index.json again")),
+    Case("load-index-json-without-weight-map", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "index-nomap", lambda d: (d / "model.safetensors.index.json").write_text(
+             '{"metadata": {}}'))),
+         CheckpointError, ("is not a valid safetensors index (KeyError",), ("download model.safetensors.index.json",)),
+    Case("load-tokenizer-truncated", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "tok-cut", lambda d: (d / "tokenizer.json").write_text(
+             (d / "tokenizer.json").read_text()[:500]))),
+         CheckpointError, ("tokenizer.json is not valid JSON",), ("truncated or corrupt", "download tokenizer.json again")),
+    Case("load-tokenizer-vocabulary-missing", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "tok-missing", lambda d: (d / "tokenizer.json").unlink())),
+         CheckpointError, ("has tokenizer_config.json but no tokenizer vocabulary",), ("download is incomplete",)),
+    Case("load-processor-config-truncated", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "proc-cut", lambda d: [(d / f).write_text("{") for f in
+                                                                   ("processor_config.json", "preprocessor_config.json")
+                                                                   if (d / f).exists()])),
+         CheckpointError, ("config.json is not valid JSON",), ("truncated or corrupt",)),
+    Case("load-weights-nan", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "nan", _edit_weights(_set("model.norm.weight", torch.full((64,), float("nan")))))),
+         CheckpointError, ("tensor 'model.norm.weight' in model.safetensors holds 64 NaN value(s)",),
+         ("the weights are corrupt", "re-export")),
+    Case("load-weights-inf", "loading",
+         lambda ctx: _load(_checkpoint(ctx, "inf", _edit_weights(
+             _set("model.layers.0.mlp.up_proj.weight", _with_inf(ctx, "model.layers.0.mlp.up_proj.weight"))))),
+         CheckpointError, ("'model.layers.0.mlp.up_proj.weight' in model.safetensors holds 1 infinite value(s)",),
+         ("download or re-export the checkpoint",)),
+    Case("load-hub-never-answers", "loading", lambda ctx: _silent_hub(),
+         CheckpointError, ("did not answer within 0.5 s while looking up 'someone/slow-model'",),
+         ("raise AV_LENS_HUB_TIMEOUT", "huggingface-cli download someone/slow-model")),
+    Case("load-hub-timeout-setting-invalid", "loading",
+         lambda ctx: _with_env({"AV_LENS_HUB_TIMEOUT": "-1", "HF_HUB_OFFLINE": "0"}, lambda: _load("someone/model")),
+         CheckpointError, ("AV_LENS_HUB_TIMEOUT='-1' is not a positive number of seconds",), ("AV_LENS_HUB_TIMEOUT=30",)),
+    Case("media-load-max-seconds-negative", "media", lambda ctx: load_video(ctx.files["film"], max_seconds=-1),
+         MediaError, ("max_seconds must be positive, got -1",), ("max_seconds=30",)),
+]
 
 def _flow_without_generated(ctx):
     flow = AttentionFlow(ctx.model, "generated")

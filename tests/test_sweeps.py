@@ -23,13 +23,13 @@ import torch
 from av_lens import HookedAVTransformer
 from av_lens import sweeps as S
 
-ARGS = ["--pairs", "2", "--windows", "0-1,2-3"]
+ARGS = ["--pairs", "2", "--windows", "0:2,2:4"]
 N_ITEMS = 2 * 2 * (1 + 2 * 2)  # pairs x conditions x (no knockout + 2 knockouts x 2 windows)
 
 
 # ------------------------------------------------------------------------------------------------ pieces
 def test_shards_are_whole_samples_disjoint_complete_and_stable():
-    items = S.study_items(5, [(0, 1), (2, 3)])
+    items = S.study_items(5, [range(0, 2), range(2, 4)])
     assert len(items) == 5 * 2 * 5 and len({it.key for it in items}) == len(items)
     for world in (1, 2, 3, 4):
         shards = [S.shard(items, r, world) for r in range(world)]
@@ -67,7 +67,7 @@ def _write(out: Path, rank: int, keys):
 
 
 def test_gather_names_missing_duplicate_and_unexpected_keys(tmp_path):
-    items = S.study_items(2, [(0, 0)], conditions=("counterfactual",), knockouts=(("generated", "video"),))
+    items = S.study_items(2, [range(0, 1)], conditions=("counterfactual",), knockouts=(("generated", "video"),))
     keys = [it.key for it in items]
     _write(tmp_path, 0, keys[:2])
     with pytest.raises(S.SweepError, match=re.escape(f"lacks rows for 2 of 4 items: {keys[2]!r}, {keys[3]!r}")
@@ -90,7 +90,7 @@ def test_gather_names_missing_duplicate_and_unexpected_keys(tmp_path):
 
 
 def test_table_write_is_atomic(tmp_path, monkeypatch):
-    items = S.study_items(1, [(0, 0)], conditions=("factual",), knockouts=())
+    items = S.study_items(1, [range(0, 1)], conditions=("factual",), knockouts=())
     _write(tmp_path, 0, [it.key for it in items])
     (tmp_path / S.TABLE).write_text("previous table\n")
 
@@ -122,7 +122,7 @@ def test_shards_in_process_encode_once_per_sample_and_equal_one_shard(organism, 
     for kind, fn in list(model.adapter.encode.items()):
         monkeypatch.setitem(model.adapter.encode, kind, lambda m, inp, fn=fn, kind=kind: calls.append(kind) or fn(m, inp))
     samples = S.organism_samples(model, 2, seed=1)
-    items = S.study_items(2, [(0, 1)])
+    items = S.study_items(2, [range(0, 2)])
     n = [S.run_shard(model, samples, items, tmp_path / "two", r, 2, log=lambda m: None) for r in (0, 1)]
     assert n == [len(S.shard(items, r, 2)) for r in (0, 1)]
     groups = {it.group for it in items}
@@ -133,7 +133,7 @@ def test_shards_in_process_encode_once_per_sample_and_equal_one_shard(organism, 
     S.run_shard(model, samples, items, tmp_path / "one", log=lambda m: None)
     two, one = S.gather(tmp_path / "two", items), S.gather(tmp_path / "one", items)
     assert two == one and len(one) == len(items)
-    knocked = [r for r in one if r["window"] == [0, 1] and r["keys"] == "audio"]
+    knocked = [r for r in one if r["window"] == [0, 2] and r["keys"] == "audio"]
     assert len(knocked) == 2 * 2
     assert knocked and all(0.0 <= r["audio_fidelity"] <= 1.0 for r in one)
     assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
@@ -272,7 +272,7 @@ def test_manifest_of_real_clip_files_sweeps_like_in_memory_pairs(organism, tmp_p
         # the frames survive the mp4 round trip closely (mpeg4 at the best quantiser, 4:2:0 chroma)
         err = (decoded.factual.pixel_values_videos - direct.factual.pixel_values_videos).abs().mean()
         assert float(err) < 0.15
-    items = S.study_items(2, [(0, 3)], knockouts=(("generated", "video"),))
+    items = S.study_items(2, [range(0, 4)], knockouts=(("generated", "video"),))
     S.run_shard(model, samples, items, tmp_path / "out", log=lambda m: None)
     table = S.gather(tmp_path / "out", items)
     assert len(table) == len(items) and all(0.0 <= r["audio_fidelity"] <= 1.0 for r in table)

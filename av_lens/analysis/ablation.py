@@ -149,6 +149,10 @@ class _Positions:
         k = (key, st.query_start, st.n_query, str(device))
         if k not in self._memo:
             m = st.layout.mask(sel)
+            from av_lens.analysis._common import check_run_match
+
+            check_run_match(st, sel, m & st.layout.attention_mask.bool(), key, "head-ablation",
+                            self.__dict__.setdefault("_warned", set()))
             if key == "query":
                 m = m[:, st.query_start:st.query_start + st.n_query]
             self._memo[k] = m.to(device)

@@ -202,6 +202,14 @@ def attention_flow(model, inputs, query: SelectorLike = "last_prompt", keys: dic
     """Attention flow of one forward pass on ``inputs`` (see :class:`AttentionFlow`)."""
     inputs = model.to_input(inputs)
     selector_mask(inputs.layout, query, "query")
+    if keys is not None:  # an explicitly asked-for key group with no position gets mass 0: say so
+        for name, sel in keys.items():
+            if not bool(selector_mask(inputs.layout, sel, "key", require=False).any()):
+                from av_lens.errors import warn
+
+                warn(f"the attention-flow key group {name!r} ({sel!r}) matches no position of this input, so its "
+                     "attention mass is 0 everywhere", f"drop the group or pass an input that has it "
+                     f"({inputs.layout.counts()})")
     flow = AttentionFlow(model, query, keys, **kwargs)
     with torch.no_grad():
         model.run_with_hooks(inputs, fwd_hooks=flow.hooks(), return_type=None)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from av_lens.analysis._common import check_layers, current_rows, selector_mask
+from av_lens.analysis._common import as_window, check_layers, check_run_match, current_rows, selector_mask
 from av_lens.errors import InputError
 from av_lens.layout import SelectorLike
 
@@ -39,11 +39,16 @@ def knockout_hooks(model, query: SelectorLike = "generated", keys: SelectorLike 
     """Hooks that block attention from ``query`` positions to ``keys`` positions in ``layers`` (default all)."""
     layers = check_layers(model, layers, "knockout layers")
 
+    warned: set = set()
+
     def hook(mask: Tensor, hook) -> Tensor:
         layout, qs, n = current_rows(model)
         K = mask.shape[-1]
-        qm = selector_mask(layout, query, "query", require=False)[:, qs:qs + n]
-        km = selector_mask(layout, keys, "key", require=False)[:, :K]
+        qfull = selector_mask(layout, query, "query", require=False)
+        kfull = selector_mask(layout, keys, "key", require=False)
+        check_run_match(model.run_state, keys, kfull, "key", "knockout", warned)
+        check_run_match(model.run_state, query, qfull, "query", "knockout", warned)
+        qm, km = qfull[:, qs:qs + n], kfull[:, :K]
         block = (qm[:, None, :, None] & km[:, None, None, :]).to(mask.device)
         if not block.any():
             return mask
@@ -62,7 +67,7 @@ def knockout_hooks(model, query: SelectorLike = "generated", keys: SelectorLike 
 
 
 def sliding_windows(n_layers: int, width: int, stride: int = 1) -> list[range]:
-    """Windows [l, l + width) sliding over the layers."""
+    """Windows ``range(l, l + width)`` (half-open) sliding over the layers."""
     if not 1 <= width <= n_layers:
         raise InputError(f"window width {width} does not fit in {n_layers} layers", f"use 1 <= width <= {n_layers}")
     if stride < 1:
@@ -93,7 +98,7 @@ class SweepResult:
         rows = [f"{'window':>10} {'metric':>10} {'effect':>10}",
                 f"{'none':>10} {float(self.baseline.float().mean()):10.4f} {0.0:10.4f}"]
         for w, v, e in zip(self.windows, self.values, self.effect):
-            label = str(w.start) if len(w) == 1 else f"{w.start}-{w.stop - 1}"
+            label = f"{w.start}:{w.stop}"  # half-open, as the windows themselves
             rows.append(f"{label:>10} {float(v.float().mean()):10.4f} {float(e.float().mean()):10.4f}")
         return "\n".join(rows)
 
@@ -109,13 +114,12 @@ def knockout_sweep(model, inputs, query: SelectorLike, keys: SelectorLike, windo
 
     inputs = model.to_input(inputs)
     selector_mask(inputs.layout, keys, "key")
-    if generate is None:
+    if generate is None or "generated" not in str(query):
         selector_mask(inputs.layout, query, "query")
-    windows = [range(min(w), max(w) + 1) if not isinstance(w, range) else w for w in windows]
+    windows = list(windows)
     if not windows:
         raise InputError("no knockout windows given", "pass e.g. sliding_windows(model.cfg.n_layers, 4)")
-    for w in windows:
-        check_layers(model, w, f"knockout window {w}")
+    windows = [as_window(w, model.cfg.n_layers) for w in windows]
     inputs = model.encode(inputs)
 
     def run(hooks) -> Tensor:

@@ -84,9 +84,18 @@ class LensResult:
 
 def _targets(model, targets) -> list[int]:
     out = []
+    if isinstance(targets, (str, int)):
+        targets = [targets]
+    unk = getattr(getattr(model, "tokenizer", None), "unk_token_id", None)
     for t in targets or []:
         if isinstance(t, str):
-            out.append(model.word_token(t))
+            tid = model.word_token(t)
+            if unk is not None and tid == unk:
+                raise InputError(f"the target word {t!r} is not in the vocabulary (it tokenizes to the unknown "
+                                 f"token {unk})", "pick a word the tokenizer knows, or pass a token id")
+            out.append(tid)
+        elif isinstance(t, bool) or not float(t) == int(t):
+            raise InputError(f"target {t!r} is not a token id", "pass integer ids or the words themselves")
         else:
             out.append(int(t))
     bad = [t for t in out if not 0 <= t < model.cfg.d_vocab]

@@ -60,6 +60,12 @@ def pooled_residuals(model, inputs, sel: SelectorLike, *, per_item: bool = True,
     if not mask.any():
         raise InputError(f"selector {sel!r} matches no position in this input",
                          f"pick a modality present in it: {layout.counts()}")
+    lacking = (~mask.any(-1)).nonzero().squeeze(-1).tolist()
+    if lacking:  # legitimate in a mixed batch, but those samples then give no item
+        from av_lens.errors import warn
+
+        warn(f"selector {sel!r} matches no position in sample(s) {lacking} of this batch, which give no pooled item",
+             "fine for a mixed batch; otherwise give every sample the positions (labels must match the items kept)")
     # group id per (sample, position): one group per media item (or per sample)
     groups: list[tuple[int, Tensor]] = []
     for b in range(layout.batch_size):
@@ -216,10 +222,27 @@ def probe_layers(features: Float[Tensor, "layer n d"], labels: Int[Tensor, "n"],
                  n_classes: int | None = None, l2: float = 1e-3, seed: int = 0,
                  layers: list[int] | None = None) -> ProbeResult:
     """Fit one probe per layer on a seeded train split; report held-out and control accuracy."""
-    labels = torch.as_tensor(labels).long()
+    raw = torch.as_tensor(labels)
+    if raw.is_floating_point() and not bool((raw == raw.round()).all()):
+        raise InputError(f"labels must be class indices, got non-integer values such as {float(raw.flatten()[0]):g}",
+                         "map the labels to 0..n_classes-1 (e.g. torch.unique(y, return_inverse=True)[1])")
+    labels = raw.long()
+    if features.ndim != 3:
+        raise InputError(f"features must be [layer, item, d_model], got shape {tuple(features.shape)}",
+                         "pass pooled_residuals(...) output (add a layer axis with features[None] for one layer)")
     L, n, _ = features.shape
     if n != labels.shape[0]:
         raise InputError(f"{n} pooled items but {labels.shape[0]} labels", "pass one label per media item")
+    if not bool(torch.isfinite(features).all()):
+        bad = (~torch.isfinite(features)).any(-1).any(0).nonzero().squeeze(-1).tolist()
+        raise InputError(f"the features hold NaN or infinite values (items {bad[:5]})",
+                         "drop those items or fix the run that produced them; a probe on them reports meaningless numbers")
+    if labels.numel() and int(labels.min()) < 0:
+        raise InputError(f"labels must be class indices >= 0, got {int(labels.min())}",
+                         "map the labels to 0..n_classes-1 (e.g. torch.unique(y, return_inverse=True)[1])")
+    if len(torch.unique(labels)) < 2:
+        raise InputError(f"all {n} labels are the same class ({int(labels[0]) if n else 'none'}), so a probe has "
+                         "nothing to separate and its accuracy is trivially 1", "pass items of at least two classes")
     if not 0 < test_fraction < 1:
         raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}", "use e.g. 0.3")
     n_test = int(round(n * test_fraction))

@@ -81,7 +81,7 @@ def run_study(model, base=None, n_pairs: int = 48, max_new_tokens: int = 4, k: i
     for keys, tag in (("video", "G-/->V"), ("audio", "G-/->A")):
         for wname, windows in (("width1", sliding_windows(n, 1)), ("from_layer", from_layer_windows(n))):
             sw = knockout_sweep(model, inp, "generated", keys, windows, metric, generate=gen_kw, progress=progress)
-            out[f"knockout {tag} {wname}"] = {"windows": [[w.start, w.stop - 1] for w in sw.windows],
+            out[f"knockout {tag} {wname}"] = {"windows": [[w.start, w.stop] for w in sw.windows],
                                              "audio_fidelity": sw.values.tolist(), "baseline": float(sw.baseline)}
     # prefill-only question ("what do you hear ?"): blocking last-prompt -> video from layer l on
     hear = model.encode(clip_inputs(model, cf, "hear", "av"))
@@ -92,7 +92,7 @@ def run_study(model, base=None, n_pairs: int = 48, max_new_tokens: int = 4, k: i
 
     sw = knockout_sweep(model, hear, "last_prompt", "video", from_layer_windows(n), follows_sound, progress=progress)
     out["knockout last_prompt-/->video from_layer (hear answer = sound)"] = {
-        "windows": [[w.start, w.stop - 1] for w in sw.windows], "follows_sound": sw.values.tolist(),
+        "windows": [[w.start, w.stop] for w in sw.windows], "follows_sound": sw.values.tolist(),
         "baseline": float(sw.baseline)}
 
     # 4. token shift against the base VLM (same audio-visual prompt)
@@ -127,7 +127,7 @@ def format_study(out: dict) -> str:
         if key.startswith("knockout"):
             vals = v.get("audio_fidelity", v.get("follows_sound"))
             lines.append(f"   {key}: base {v['baseline']:.3f}; " + ", ".join(
-                f"{w[0]}-{w[1]}: {x:.3f}" for w, x in zip(v["windows"], vals)))
+                f"{w[0]}:{w[1]}: {x:.3f}" for w, x in zip(v["windows"], vals)))  # half-open windows
     if "token_shift_fractions" in out:
         lines += ["", f"4. token shift vs base: {json.dumps({k: round(x, 3) for k, x in out['token_shift_fractions'].items() if isinstance(x, float)})}, "
                       f"mean KL {out['token_shift_mean_kl']:.3f}; sound words: {out.get('token_shift_sound_words')}"]

@@ -115,7 +115,7 @@ def attention_by_layer(flow, *, title: str = "Attention mass per layer by key mo
 def knockout_curves(sweeps: Mapping, *, title: str = "Attention knockout") -> View:
     """Metric per knockout window, one curve per sweep, each sweep's baseline as a dashed line."""
     first = next(iter(sweeps.values()))
-    labels = [f"{w.start}" if len(w) == 1 else f"{w.start}-{w.stop - 1}" for w in first.windows]
+    labels = [f"{w.start}:{w.stop}" for w in first.windows]  # half-open, as the windows
     series = {name: s.values.float().reshape(len(s.windows), -1).mean(-1).tolist() for name, s in sweeps.items()}
     baselines = {f"no knockout ({name})" if len(sweeps) > 1 else "no knockout": float(s.baseline.float().mean())
                  for name, s in sweeps.items()}

@@ -226,9 +226,11 @@ def test_hooks_work_inside_generate(model, av):
     assert (gen.logits[0] - fwd[:, -1]).abs().max() <= TOL
     assert (fwd[:, -1] - run(model, av)[:, -1]).abs().max() > 1e-4
 
-    # query="generated": nothing to ablate in the prefill, the decoding steps are ablated
+    # query="generated": nothing to ablate in the prefill, the decoding steps are ablated; outside generate()
+    # the hooks would change nothing, which is refused
     on_generated = head_ablation_hooks(model, [(0, 1), (1, 2)], query="generated")
-    assert torch.equal(run(model, av, on_generated), run(model, av))
+    with pytest.raises(InputError, match="exist only inside generate"):
+        run(model, av, on_generated)
     clean = model.generate(av, max_new_tokens=3, stop_at_eos=False, return_logits=True)
     abl = model.generate(av, max_new_tokens=3, stop_at_eos=False, return_logits=True, fwd_hooks=on_generated)
     assert torch.equal(abl.logits[0], clean.logits[0])
