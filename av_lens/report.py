@@ -114,11 +114,21 @@ def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None
     summary = ReportSummary(Path(out))
     n = model.cfg.n_layers
     steps = ["inputs", "answers", "attention", "logit lens", "knockout", "patching", "probes", "token shift", "write"]
-    bar = tqdm(total=len(steps), desc="report", disable=not progress)
+    if not (closed and probe_clips):
+        steps.remove("probes")
+    if base is None:
+        steps.remove("token shift")
+    bar = tqdm(total=len(steps), desc="report", disable=not progress, bar_format="{desc}: {n}/{total} stages "
+               "|{bar}| {elapsed} elapsed{postfix}")
+    bar.set_postfix_str(f"now: {steps[0]}")
 
     def step(name):
-        bar.set_postfix_str(name)
+        """``name`` is done: advance the bar and name the stage that starts now."""
+        if name not in steps:
+            return
         bar.update(1)
+        i = steps.index(name)
+        bar.set_postfix_str(f"now: {steps[i + 1]}" if i + 1 < len(steps) else "done")
 
     page = views.Page(f"av_lens report — {model.cfg.model_name}",
                       intro=f"Model {views.html.esc(model.cfg.model_name)}: {n} layers, d_model {model.cfg.d_model}, "

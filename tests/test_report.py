@@ -51,6 +51,7 @@ def report_file(tmp_path_factory):
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"report: {out}" in r.stdout
+    assert "no --video given: running on the built-in pair" in r.stdout  # says what it runs
     return out
 
 
