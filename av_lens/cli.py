@@ -75,12 +75,23 @@ def check_out(path: str, kind: str = "file") -> None:
                          "pass an --out in a folder you can write to") from None
 
 
+def check_device(name: str) -> None:
+    """Refuse a --device that torch would not understand, before any model loads."""
+    import re
+
+    from av_lens.errors import InputError
+
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(name)):
+        raise InputError(f"--device {name!r} is not a device", "pass cpu, cuda, cuda:N, mps or auto")
+
+
 def _check_report_args(args) -> None:
     """Everything of ``report`` / ``demo`` that can be checked before a model loads."""
     from av_lens.errors import InputError
     from av_lens.hub import resolve_folder
 
     check_out(args.out, "file")
+    check_device(getattr(args, "device", "cpu"))
     fps, side = getattr(args, "fps", 2.0), getattr(args, "max_side", 448)
     if not (0 < fps < float("inf")):
         raise InputError(f"--fps must be a positive number, got {fps}", "pass e.g. --fps 2")

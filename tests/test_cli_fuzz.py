@@ -46,12 +46,20 @@ BAD: dict[str | tuple[str, str], list[list[str]]] = {
     "--dtype": [["--dtype", "int8"], ["--dtype", "fp64x"]],
     "--device": [["--device", "gpu"], ["--device", "cuda:x"]],
     "--gpus-per-rank": [["--gpus-per-rank", "0"], ["--gpus-per-rank", "two"]],
+    ("demo", "--dtype"): [["--dtype", "int8"], ["--dtype", "float64"]],
+    ("report", "--dtype"): [["--dtype", "int8"], ["--dtype", "float64"]],
+    ("demo", "--device"): [["--device", "gpu"], ["--device", "cuda:x"], ["--device", ""]],
+    ("report", "--device"): [["--device", "gpu"], ["--device", "cuda:x"]],
+    "--threads": [["--threads", "0"], ["--threads", "-2"], ["--threads", "two"]],
+    "--no-probes": [["--no-probes=yes"]],
+    "--start": [["--start", "-1"], ["--start", "soon"], ["--start", "inf"]],
+    "--duration": [["--duration", "-4"], ["--duration", "long"], ["--duration", "nan"]],
 }
 
 #: arguments a command needs besides the option under test (the option's own value replaces them)
 BASE_ARGS = {"sweep": ["--out", "{tmp}/sweep-out"], "report": ["--out", "{tmp}/r.html"], "demo": ["--out", "{tmp}/d.html"]}
 
-SKIP = {"-h", "--help"}  # --help exits 0 by design
+SKIP = {"-h", "--help", "--version"}  # --help and --version exit 0 by design
 
 
 def options() -> list[tuple[str, str]]:

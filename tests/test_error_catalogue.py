@@ -788,6 +788,64 @@ CASES += [
          MediaError, ("max_seconds must be positive, got -1",), ("max_seconds=30",)),
 ]
 
+def _d(ctx):
+    return torch.zeros(ctx.model.cfg.n_layers + 1, ctx.model.cfg.d_model)
+
+
+def _sink_result(ctx):
+    from av_lens.analysis import scan_sinks
+    return scan_sinks(ctx.model, ctx.audio, layers=[0])
+
+
+CASES += [
+    # ---- steering, representations, attribution (issues 18 and 19) -----------------------------------------
+    Case("steering-matches-nothing", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["steer"]).steer(ctx.model, ctx.audio, _d(ctx), "video",
+                                                                           layers=[0]),
+         InputError, ("the steering selector 'video' matched no position",), ("pick positions that exist",)),
+    Case("steering-direction-shape", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["steering_hooks"]).steering_hooks(
+             ctx.model, torch.zeros(3), layers=[0]),
+         InputError, ("the steering direction has shape (3,)",), ("build it with mean_difference",)),
+    Case("steering-unknown-point", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["steering_hooks"]).steering_hooks(
+             ctx.model, _d(ctx), layers=[0], point="attn_out"),
+         InputError, ("unknown steering point 'attn_out'",), ("use one of",)),
+    Case("cka-too-few-examples", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["linear_cka"]).linear_cka(
+             torch.randn(3, 2), torch.randn(3, 2), debiased=True),
+         InputError, ("debiased CKA needs at least 4 examples",), ("pool more clips",)),
+    Case("cka-constant-representation", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["linear_cka"]).linear_cka(
+             torch.ones(6, 2), torch.randn(6, 2)),
+         InputError, ("one representation is constant",), ("compare representations that vary",)),
+    Case("auroc-one-class", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["auroc"]).auroc(torch.rand(5), torch.ones(5, dtype=bool)),
+         InputError, ("AUROC needs both classes",), ("use a test split that contains both classes",)),
+    Case("regression-probe-constant-target", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["regression_probe_layers"]).regression_probe_layers(
+             torch.randn(1, 20, 3), torch.ones(20)),
+         InputError, ("every regression target has the same value",), ("use targets that vary",)),
+    Case("sinks-threshold-range", "analyses", lambda ctx: _sink_result(ctx).sinks(threshold=0),
+         InputError, ("sink threshold must be in (0, 1], got 0",), ("use e.g. 0.3",)),
+    Case("attribution-metric-not-scalar", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["attribution_patch"]).attribution_patch(
+             ctx.model, ctx.audio, ctx.audio, lambda logits: logits[:, -1, :2], sets=("audio",)),
+         InputError, ("the attribution metric must return a scalar tensor",), ("reduce over the batch",)),
+    Case("position-map-unmatched", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["position_map"]).position_map(ctx.text, ctx.audio),
+         InputError, ("corrupted positions have no clean counterpart",), ("pass unmatched='skip'",)),
+    Case("edge-attribution-ig-steps", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["edge_attribution"]).edge_attribution(
+             ctx.model, ctx.audio, ctx.audio, lambda logits: logits[:, -1, 0].mean(), ig_steps=0),
+         InputError, ("ig_steps must be a positive integer or None, got 0",), ("use None for EAP",)),
+    Case("token-drop-matches-nothing", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["token_drop_sweep"]).token_drop_sweep(
+             ctx.model, ctx.audio, "video", lambda logits, inputs: logits.sum(), progress=False),
+         InputError, ("the key selector 'video' matches no position",), ("choose positions that exist here",)),
+]
+
+
 def _flow_without_generated(ctx):
     flow = AttentionFlow(ctx.model, "generated")
     ctx.model.run_with_hooks(ctx.text, fwd_hooks=flow.hooks())
