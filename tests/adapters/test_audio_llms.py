@@ -157,12 +157,16 @@ def test_layout_matches_the_processor(pairs, clips, family):
 
 
 def test_qwen2_audio_chat_template_and_markers(pairs, clips):
-    ours, _ = pairs["qwen2_audio", "gqa2_untied"]
+    """Two clips in one chat prompt: the template's "Audio k:" blocks, both marker pairs tagged, two items, and
+    parity with transformers on the result."""
+    ours, ref = pairs["qwen2_audio", "gqa2_untied"]
     inp = ours.prepare("What do you hear?", audio=[clips["1.5s"], clips["0.7s"]])
     text = ours.tokenizer.decode(inp.input_ids[0])
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nAudio 1: ")
     assert "Audio 2: <|audio_bos|>" in text and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
     assert inp.layout.count("audio_bos") == 2 and inp.layout.count("audio_eos") == 2 and len(inp.layout.items) == 2
+    assert [it.n_tokens for it in inp.layout.items] == [37, 17]  # 150 and 70 mel frames: ((f - 1) // 2 + 1 - 2) // 2 + 1
+    assert_parity(ours, ref, inp, TOL)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
