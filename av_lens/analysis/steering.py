@@ -58,7 +58,7 @@ def _direction_rows(model, direction: Tensor, what: str = "direction") -> Tensor
         raise InputError(f"the steering {what} is a {type(direction).__name__}, not a tensor",
                          "pass a torch tensor [d_model] or [n_layers + 1, d_model] (e.g. from mean_difference)")
     d, n = model.cfg.d_model, model.cfg.n_layers
-    if direction.ndim == 1:
+    if direction.ndim == 1 and direction.shape[0] == d:
         direction = direction[None].expand(n + 1, -1)
     if direction.ndim != 2 or direction.shape != (n + 1, d):
         raise InputError(f"the steering {what} has shape {tuple(direction.shape)}; this model needs [{d}] or "
