@@ -839,6 +839,25 @@ CASES += [
          lambda ctx: __import__("av_lens.analysis", fromlist=["edge_attribution"]).edge_attribution(
              ctx.model, ctx.audio, ctx.audio, lambda logits: logits[:, -1, 0].mean(), ig_steps=0),
          InputError, ("ig_steps must be a positive integer or None, got 0",), ("use None for EAP",)),
+    Case("sae-unknown-architecture", "analyses",
+         lambda ctx: __import__("av_lens.sae", fromlist=["DictionaryConfig"]).DictionaryConfig(
+             d_in=4, d_sae=8, architecture="gated"),
+         InputError, ("unknown dictionary architecture 'gated'",), ("use 'relu' (SAELens: 'standard'), 'topk'",)),
+    Case("sae-topk-without-k", "analyses",
+         lambda ctx: __import__("av_lens.sae", fromlist=["DictionaryConfig"]).DictionaryConfig(
+             d_in=4, d_sae=8, architecture="topk", k=None),
+         InputError, ("a TopK dictionary needs 1 <= k <= d_sae (8), got k=None",), ("pass e.g. k=8",)),
+    Case("sae-load-not-a-folder", "loading",
+         lambda ctx: __import__("av_lens.sae", fromlist=["SparseDictionary"]).SparseDictionary.load(ctx.tmp),
+         CheckpointError, ("is not a dictionary folder (it needs cfg.json and sae_weights.safetensors)",),
+         ("pass the folder SAELens's save_model or SparseDictionary.save wrote",)),
+    Case("sae-splice-unknown-hook", "hooks",
+         lambda ctx: __import__("av_lens.sae", fromlist=["splice"]).splice(
+             ctx.model, __import__("av_lens.sae", fromlist=["SparseDictionary"]).SparseDictionary(
+                 __import__("av_lens.sae", fromlist=["DictionaryConfig"]).DictionaryConfig(
+                     d_in=4, d_sae=8, hook_name="blocks.99.hook_resid_post"))),
+         HookNameError, ("the dictionary reads 'blocks.99.hook_resid_post', which this model does not have",),
+         ("train or load a dictionary for one of model.hook_dict's names",)),
     Case("token-drop-matches-nothing", "analyses",
          lambda ctx: __import__("av_lens.analysis", fromlist=["token_drop_sweep"]).token_drop_sweep(
              ctx.model, ctx.audio, "video", lambda logits, inputs: logits.sum(), progress=False),
