@@ -43,7 +43,9 @@ from av_lens.analysis.pairs import JudgeReplyError
 from av_lens.media import load_audio, load_clip, load_video
 from av_lens.organism import world
 from av_lens.organism.evaluate import clip_inputs
+from av_lens import utils as _tl_utils
 from av_lens.placement import plan_device_map
+from av_lens.weights import process_weights as _process_weights
 from av_lens.sweeps import SweepError, gather, parse_windows, study_items
 from conftest import cases
 
@@ -566,6 +568,56 @@ CASES: list[Case] = [
     Case("sweep-rows-missing", "analyses",
          lambda ctx: gather(ctx.tmp / "sweep-empty", study_items(1, [range(0, 1)], conditions=("factual",), knockouts=())),
          SweepError, ("lacks rows for 1 of 1 items: '0/factual/none'",), ("rerun the same sweep command",)),
+    # ---- TransformerLens surface (docs/tl_compat.md) ------------------------------------------------------------
+    Case("tl-refactor-rotary", "loading",
+         lambda ctx: HookedAVTransformer.from_pretrained(ctx.tiny_dir, refactor_factored_attn_matrices=True),
+         InputError, ("refactor_factored_attn_matrices=True cannot be applied", "rotary"),
+         ("leave refactor_factored_attn_matrices=False",)),
+    Case("tl-weights-unsupported-architecture", "loading",
+         lambda ctx: _process_weights(SimpleNamespace(stream=object(), cfg=SimpleNamespace(
+             n_experts=0, original_architecture="Gemma3nForConditionalGeneration")), fold_ln=True),
+         InputError, ("weight processing", "not implemented for Gemma3nForConditionalGeneration"),
+         ("load it unprocessed (the default)",)),
+    Case("tl-split-input-unsupported-architecture", "hooks",
+         lambda ctx: HookedAVTransformer._set_split_input(SimpleNamespace(stream=object(), cfg=SimpleNamespace(
+             original_architecture="Gemma3nForConditionalGeneration")), "use_attn_in", True),
+         InputError, ("use_attn_in is not available for Gemma3nForConditionalGeneration",),
+         ("blocks.{l}.hook_resid_pre",)),
+    Case("tl-hook-behind-switch", "hooks", lambda ctx: ctx.model.add_hook("blocks.0.hook_q_input", lambda x, hook: x),
+         InputError, ("'blocks.0.hook_q_input' runs only with use_split_qkv_input on",),
+         ("model.set_use_split_qkv_input(True)",)),
+    Case("tl-media-rows-not-media", "hooks",
+         lambda ctx: ctx.model.run_with_cache(ctx.audio)[1].media_rows("blocks.0.hook_resid_post", 0),
+         InputError, ("'blocks.0.hook_resid_post' is not laid out one row per media token",),
+         ("hook_{audio,image,video}_embed",)),
+    Case("tl-to-str-tokens-batch", "inputs", lambda ctx: ctx.model.to_str_tokens(torch.full((2, 3), 20)),
+         InputError, ("to_str_tokens takes one sequence of token ids, got shape (2, 3)",), ("tokens[i]",)),
+    Case("tl-to-string-3d", "inputs", lambda ctx: ctx.model.to_string(torch.full((1, 2, 3), 20)),
+         InputError, ("to_string takes [batch, pos], [pos] or one token id, got shape (1, 2, 3)",),
+         ("index the extra dimensions away",)),
+    Case("tl-token-position-absent", "inputs",
+         lambda ctx: ctx.model.get_token_position(399, torch.tensor([[20, 21]])),
+         InputError, ("token 399 (id 399) does not occur in the input",), ("model.to_str_tokens(input)",)),
+    Case("tl-token-position-batch", "inputs", lambda ctx: ctx.model.get_token_position(20, torch.full((2, 3), 20)),
+         InputError, ("get_token_position takes one sequence, got shape (2, 3)",), ("inputs[i]",)),
+    Case("tl-token-position-mode", "inputs",
+         lambda ctx: ctx.model.get_token_position(20, torch.tensor([[20, 21]]), mode="middle"),
+         InputError, ("mode must be 'first' or 'last', got 'middle'",), ("mode='first'",)),
+    Case("tl-cat-unequal-lengths", "inputs", lambda ctx: torch.cat([ctx.audio, ctx.text]),
+         InputError, ("cannot concatenate inputs of", "positions"), ("equal length",)),
+    Case("tl-cat-encoded-and-not", "inputs", lambda ctx: torch.cat([ctx.audio, ctx.encoded]),
+         InputError, ("cannot concatenate an encoded input with one that is not encoded",),
+         ("model.encode(...) on all of them",)),
+    Case("tl-select-model-specific-input", "inputs",
+         lambda ctx: dataclasses.replace(ctx.audio, extra={"image_sizes": torch.zeros(1)})[0],
+         InputError, ("cannot be split by sample",), ("prepare each sample separately",)),
+    Case("tl-test-prompt-batch", "inputs", lambda ctx: _tl_utils.test_prompt(torch.cat([ctx.audio, ctx.audio]), "x",
+                                                                            ctx.model, print_details=False),
+         InputError, ("test_prompt takes one prompt, got a batch of 2",), ("inputs[i]",)),
+    Case("tl-generate-return-type", "inputs",
+         lambda ctx: ctx.model.generate(ctx.text, max_new_tokens=1, return_type="text"),
+         InputError, ("return_type must be 'str', 'tokens', 'input' or None, got 'text'",),
+         ("None returns a Generation",)),
     # ---- CLI (python -m av_lens.cli; exit status 2, message on stderr) -----------------------------------------
     Case("cli-audio-without-video", "cli", _cli("cli-audio-without-video"),
          CLIExit, ("av-lens report:", "--audio / --counterfactual-audio need a --video"), ("--video FILE",)),
