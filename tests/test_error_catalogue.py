@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from av_lens import AVLensError, AVLensWarning, CheckpointError, HookedAVTransformer, HookNameError, InputError, LayoutError, MediaError
-from av_lens.analysis import (AttentionFlow, KeywordScorer, LinearProbe, LLMJudgeScorer, counterfactual_pair,
+from av_lens.analysis import (AttentionFlow, KeywordScorer, attention_flow, LinearProbe, LLMJudgeScorer, counterfactual_pair,
                               fidelity, head_ablation_hooks, knockout_hooks, knockout_sweep, logit_lens,
                               patch_by_modality, path_patch_hooks, pooled_residuals, probe_layers, require_aligned,
                               sliding_windows, token_shift)
@@ -45,7 +45,7 @@ from av_lens.organism import world
 from av_lens.organism.evaluate import clip_inputs
 from av_lens.placement import plan_device_map
 from av_lens.sweeps import SweepError, gather, parse_windows, study_items
-from conftest import cases
+from conftest import cases, padded_batch
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 
@@ -222,6 +222,16 @@ CLI = {
     "cli-video-not-a-media-file": lambda ctx: ["report", "--video", str(ctx.files["notes"])],
     "cli-model-missing-folder": lambda ctx: ["demo", "--model", str(ctx.tmp / "no_such_model")],
     "cli-sweep-window-outside-layers": lambda ctx: ["sweep", "--windows", "0:9", "--out", str(ctx.tmp / "sweep-out")],
+    "cli-out-is-a-directory": lambda ctx: ["demo", "--out", str(ctx.tmp)],
+    "cli-out-under-a-file": lambda ctx: ["report", "--out", str(ctx.files["notes"] / "report.html")],
+    "cli-sweep-out-is-a-file": lambda ctx: ["sweep", "--out", str(ctx.files["notes"])],
+    "cli-sweep-knockout-selector-typo": lambda ctx: ["sweep", "--knockouts", "generated:vidoe",
+                                                     "--out", str(ctx.tmp / "sweep-typo")],
+    "cli-sweep-knockout-matches-nothing": lambda ctx: ["sweep", "--knockouts", "generated:image", "--pairs", "1",
+                                                       "--out", str(ctx.tmp / "sweep-image")],
+    "cli-sweep-window-old-form": lambda ctx: ["sweep", "--windows", "0-3", "--out", str(ctx.tmp / "sweep-old")],
+    "cli-option-bad-type": lambda ctx: ["sweep", "--pairs", "many", "--out", str(ctx.tmp / "sweep-type")],
+    "cli-report-fps-zero": lambda ctx: ["report", "--fps", "0", "--out", str(ctx.tmp / "r.html")],
 }
 
 
@@ -757,6 +767,74 @@ CASES += [
     Case("load-hub-timeout-setting-invalid", "loading",
          lambda ctx: _with_env({"AV_LENS_HUB_TIMEOUT": "-1", "HF_HUB_OFFLINE": "0"}, lambda: _load("someone/model")),
          CheckpointError, ("AV_LENS_HUB_TIMEOUT='-1' is not a positive number of seconds",), ("AV_LENS_HUB_TIMEOUT=30",)),
+    # ---- analyses that would match nothing, degenerate analysis input -----------------------------------------
+    Case("knockout-keys-absent-in-run", "analyses",
+         lambda ctx: ctx.model.run_with_hooks(ctx.audio, fwd_hooks=knockout_hooks(ctx.model, "text", "image", [0])),
+         InputError, ("the knockout key selector 'image' matches no position of the running input",
+                      "would change nothing"), ("choose positions that exist here", "'image': 0")),
+    Case("knockout-generated-query-outside-generate", "analyses",
+         lambda ctx: ctx.model.run_with_hooks(ctx.audio, fwd_hooks=knockout_hooks(ctx.model, "generated", "audio", [0])),
+         InputError, ("the knockout query selector 'generated' matches no position",),
+         ("'generated' positions exist only inside generate()",)),
+    Case("knockout-keys-absent-in-generate", "analyses",
+         lambda ctx: ctx.model.generate(ctx.audio, max_new_tokens=2,
+                                        fwd_hooks=knockout_hooks(ctx.model, "generated", "video", [0])),
+         InputError, ("the knockout key selector 'video' matches no position of the running input",),
+         ("'video': 0",)),
+    Case("knockout-sweep-generate-query-absent", "analyses",
+         lambda ctx: knockout_sweep(ctx.model, ctx.audio, "video", "audio", [range(0, 1)], _metric2,
+                                    generate=dict(max_new_tokens=1), progress=False),
+         InputError, ("the query selector 'video' matches no position of this input",), ("'video': 0",)),
+    Case("ablation-query-absent-in-run", "analyses",
+         lambda ctx: ctx.model.run_with_hooks(ctx.audio, fwd_hooks=head_ablation_hooks(ctx.model, [(0, 0)], query="image")),
+         InputError, ("the head-ablation query selector Sel(image) matches no position",), ("'image': 0",)),
+    Case("ablation-generated-query-outside-generate", "analyses",
+         lambda ctx: ctx.model.run_with_hooks(ctx.audio, fwd_hooks=head_ablation_hooks(ctx.model, [(0, 0)],
+                                                                                       query="generated")),
+         InputError, ("the head-ablation query selector Sel(generated) matches no position",),
+         ("exist only inside generate()",)),
+    Case("flow-key-group-absent", "analyses",
+         _warned(lambda ctx: attention_flow(ctx.model, ctx.audio, "last_prompt", keys={"pic": "image"})),
+         AVLensWarning, ("the attention-flow key group 'pic' ('image') matches no position", "mass is 0"),
+         ("drop the group",)),
+    Case("probe-one-class", "analyses", lambda ctx: probe_layers(_toy_features()[0], torch.zeros(20, dtype=torch.long)),
+         InputError, ("all 20 labels are the same class (0)", "trivially 1"), ("at least two classes",)),
+    Case("probe-nan-features", "analyses",
+         lambda ctx: probe_layers(_toy_features()[0].index_fill(1, torch.tensor([3]), float("nan")), _toy_features()[1]),
+         InputError, ("the features hold NaN or infinite values (items [3])",), ("drop those items",)),
+    Case("probe-negative-labels", "analyses", lambda ctx: probe_layers(_toy_features()[0], _toy_features()[1] - 1),
+         InputError, ("labels must be class indices >= 0, got -1",), ("torch.unique(y, return_inverse=True)",)),
+    Case("probe-fractional-labels", "analyses",
+         lambda ctx: probe_layers(_toy_features()[0], _toy_features()[1].float() + 0.5),
+         InputError, ("labels must be class indices, got non-integer values",), ("map the labels to 0..n_classes-1",)),
+    Case("probe-features-2d", "analyses", lambda ctx: probe_layers(_toy_features()[0][0], _toy_features()[1]),
+         InputError, ("features must be [layer, item, d_model], got shape (20, 8)",), ("features[None]",)),
+    Case("probe-pooled-partly-empty-batch", "analyses",
+         _warned(lambda ctx: pooled_residuals(ctx.model, padded_batch(ctx.model, ctx.media), "video")),
+         AVLensWarning, ("selector 'video' matches no position in sample(s) [0]",), ("fine for a mixed batch",)),
+    Case("lens-target-not-a-token-id", "analyses", lambda ctx: logit_lens(ctx.model, ctx.audio, "audio", targets=[2.5]),
+         InputError, ("target 2.5 is not a token id",), ("integer ids or the words",)),
+    Case("lens-target-word-not-one-token", "analyses",
+         lambda ctx: logit_lens(ctx.model, ctx.audio, "audio", targets=["zzqqxx vvbb"]),
+         InputError, ("'zzqqxx vvbb' is not one token",), ("pick a word the tokenizer keeps whole",)),
+    # ---- CLI (second pass) --------------------------------------------------------------------------------------
+    Case("cli-out-is-a-directory", "cli", _cli("cli-out-is-a-directory"),
+         CLIExit, ("av-lens demo:", "--out", "is a directory, not a file"), ("pass a file path",)),
+    Case("cli-out-under-a-file", "cli", _cli("cli-out-under-a-file"),
+         CLIExit, ("av-lens report:", "lies under", "notes.mp4', which is a file"), ("a path in a folder",)),
+    Case("cli-sweep-out-is-a-file", "cli", _cli("cli-sweep-out-is-a-file"),
+         CLIExit, ("av-lens sweep:", "is a file, not a folder"), ("folder path",)),
+    Case("cli-sweep-knockout-selector-typo", "cli", _cli("cli-sweep-knockout-selector-typo"),
+         CLIExit, ("av-lens sweep: --knockouts 'generated:vidoe': unknown selector 'vidoe'",), ("'video'",)),
+    Case("cli-sweep-knockout-matches-nothing", "cli", _cli("cli-sweep-knockout-matches-nothing"),
+         CLIExit, ("the knockout generated:image cannot act", "matches no position of sample 0",
+                   "equal the rows without knockout"), ("choose positions these samples have",)),
+    Case("cli-sweep-window-old-form", "cli", _cli("cli-sweep-window-old-form"),
+         CLIExit, ("av-lens sweep: the window '0-3' uses the old first-last form",), ("--windows 0:4",)),
+    Case("cli-option-bad-type", "cli", _cli("cli-option-bad-type"),
+         CLIExit, ("av-lens sweep: argument --pairs: invalid int value: 'many'",), ("av-lens sweep --help",)),
+    Case("cli-report-fps-zero", "cli", _cli("cli-report-fps-zero"),
+         CLIExit, ("av-lens report: --fps must be a positive number, got 0.0",), ("--fps 2",)),
     Case("media-load-max-seconds-negative", "media", lambda ctx: load_video(ctx.files["film"], max_seconds=-1),
          MediaError, ("max_seconds must be positive, got -1",), ("max_seconds=30",)),
 ]
