@@ -62,12 +62,13 @@ def generate(model, inputs: AVInput, max_new_tokens: int = 32, *, do_sample: boo
     Encoders run once in the prefill. ``fwd_hooks`` (TransformerLens ``(name, fn)`` pairs) apply to the
     prefill and every decoding step.
     """
-    from av_lens.input_checks import check_context, check_generation_args
+    from av_lens.input_checks import check_context, check_generation_args, check_left_padded
 
     check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
     inp = model.to_input(inputs)
     model._check_input(inp)
     check_context(model, inp, max_new_tokens)
+    check_left_padded(inp)
     eos = tuple(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else (eos[0] if eos else 0)
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None

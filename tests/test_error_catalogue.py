@@ -835,6 +835,13 @@ CASES += [
          CLIExit, ("av-lens sweep: argument --pairs: invalid int value: 'many'",), ("av-lens sweep --help",)),
     Case("cli-report-fps-zero", "cli", _cli("cli-report-fps-zero"),
          CLIExit, ("av-lens report: --fps must be a positive number, got 0.0",), ("--fps 2",)),
+    Case("generate-right-padded-batch", "inputs",
+         lambda ctx: ctx.model.generate({"input_ids": torch.tensor([[20, 21, 22], [20, 21, 0]]),
+                                         "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}, max_new_tokens=1),
+         InputError, ("the input is right-padded (sample(s) [1]", "continue those samples after their pads"),
+         ("pad on the left", "padding_side = 'left'")),
+    Case("knockout-layers-an-int", "analyses", lambda ctx: knockout_hooks(ctx.model, "text", "audio", 1),
+         InputError, ("knockout layers must be a list or range of layer indices, got 1",), ("[1] for one layer",)),
     Case("media-load-max-seconds-negative", "media", lambda ctx: load_video(ctx.files["film"], max_seconds=-1),
          MediaError, ("max_seconds must be positive, got -1",), ("max_seconds=30",)),
 ]
