@@ -76,7 +76,7 @@ def generate(model, inputs, max_new_tokens: int = 32, *, do_sample: bool = False
     by the new tokens). Defaults differ from TL's on purpose: greedy (TL samples), no progress bar (TL shows
     one), and ``return_type=None`` returns a :class:`Generation` (sequences, new tokens, text, grown layout).
     """
-    from av_lens.input_checks import check_context, check_generation_args
+    from av_lens.input_checks import check_context, check_generation_args, check_left_padded
 
     check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p)
     original = inputs
@@ -90,6 +90,7 @@ def generate(model, inputs, max_new_tokens: int = 32, *, do_sample: bool = False
                          "pass one of those (None returns a Generation with sequences, new tokens, text and layout)")
     if eos_token_id is not None:
         eos_token_ids = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id)
+    check_left_padded(inp)
     eos = tuple(model.cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else (eos[0] if eos else 0)
     gen = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None

@@ -60,3 +60,20 @@ def check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p) 
                          "pass e.g. top_k=50 (0 or None: no top-k filter)")
     if top_p is not None and not (_real(top_p) and 0 < top_p <= 1):
         raise InputError(f"top_p must lie in (0, 1], got {top_p!r}", "pass e.g. top_p=0.9 (1.0 or None: no filter)")
+
+
+def check_left_padded(inp) -> None:
+    """Generation appends new tokens at the end of every row, so padding must be on the left: a row whose real
+    tokens are followed by padding would continue after its pads."""
+    am = inp.attention_mask
+    if am.shape[0] < 2 and bool(am.all()):
+        return
+    real = am.bool()
+    # a pad (0) after a real token (1) in the same row = right padding
+    after_real = real.long().cummax(-1).values.bool() & ~real
+    if bool(after_real.any()):
+        rows = after_real.any(-1).nonzero().squeeze(-1).tolist()
+        raise InputError(f"the input is right-padded (sample(s) {rows} have padding after their last real token), "
+                         "so generate() would continue those samples after their pads",
+                         "pad on the left: model.prepare(...) does; with a tokenizer, set tokenizer.padding_side = "
+                         "'left' (or pass padding_side='left')")

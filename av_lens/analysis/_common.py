@@ -16,6 +16,10 @@ def check_layers(model, layers: Iterable[int] | None, what: str = "layers") -> l
     n = model.cfg.n_layers
     if layers is None:
         return list(range(n))
+    if isinstance(layers, (int, str)) or not hasattr(layers, "__iter__"):
+        raise InputError(f"{what} must be a list or range of layer indices, got {layers!r}",
+                         f"pass e.g. [{layers}] for one layer or range(0, {n}) for all (half-open)"
+                         if isinstance(layers, int) else f"pass e.g. [0, 3] or range(0, {n})")
     layers = sorted({int(l) for l in layers})
     if not layers:
         raise InputError(f"{what} is empty", f"pass at least one layer in 0..{n - 1}")
