@@ -1020,6 +1020,9 @@ def clean_outputs(nb) -> nbformat.NotebookNode:
                                               f"{len(''.join(html)) / 1e6:.1f} MB script is not committed)]"}
                 if out.output_type == "execute_result":
                     out.execution_count = n
+            if out.output_type == "stream" and kept and kept[-1].output_type == "stream" and kept[-1].name == out.name:
+                kept[-1].text += out.text  # how the text was split into messages depends on timing
+                continue
             kept.append(out)
         cell.outputs = kept
     return nb
