@@ -189,6 +189,8 @@ CLI = {
     "cli-video-not-a-media-file": lambda ctx: ["report", "--video", str(ctx.files["notes"])],
     "cli-model-missing-folder": lambda ctx: ["demo", "--model", str(ctx.tmp / "no_such_model")],
     "cli-sweep-window-outside-layers": lambda ctx: ["sweep", "--windows", "0-9", "--out", str(ctx.tmp / "sweep-out")],
+    "cli-report-duration-over-window": lambda ctx: ["report", "--video", str(ctx.files["tone"]), "--duration", "9"],
+    "cli-report-threads-zero": lambda ctx: ["demo", "--threads", "0"],
 }
 
 
@@ -515,6 +517,10 @@ CASES: list[Case] = [
          CLIExit, ("av-lens demo:", "no checkpoint folder at", "no_such_model"), ("existing local folder",)),
     Case("cli-sweep-window-outside-layers", "cli", _cli("cli-sweep-window-outside-layers"),
          CLIExit, ("av-lens sweep:", "the window '0-9' is outside the model's layers 0..3"), ("windows within 0-3",)),
+    Case("cli-report-duration-over-window", "cli", _cli("cli-report-duration-over-window"),
+         CLIExit, ("av-lens report:", "--duration 9 s is longer than the 4 s this model hears"), ("--duration 4 or less",)),
+    Case("cli-report-threads-zero", "cli", _cli("cli-report-threads-zero"),
+         CLIExit, ("av-lens demo:", "--threads 0 is not a positive number of threads"), ("--threads 1",)),
 ]
 
 
