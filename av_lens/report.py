@@ -189,7 +189,7 @@ def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None
         lens = logit_lens(model, main_hear, "audio", k=5, targets=target_ids, include_embed=True)
         page.add(views.logit_lens_grid(lens, main_hear.layout), "Logit lens at the audio positions",
                  "Top-1 token of the final-norm logit lens per layer (rows) and audio position (columns); "
-                 "shade = probability; outlined where a target word is in the top 5.")
+                 "shade = probability; outlined where the sound's word is the top-1 token (hover a cell for its top 5).")
     else:
         summary.notes.append("no audio positions: logit lens skipped")
     step("logit lens")
@@ -203,7 +203,8 @@ def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None
     metric = lambda logits, _: logits[0, -1].softmax(-1)[tid]  # noqa: E731
     sweeps = {f"last prompt ↛ {k}": knockout_sweep(model, main_hear, "last_prompt", k, from_layer_windows(n), metric,
                                                    progress=False) for k in ("video", "audio")}
-    page.add(views.knockout_curves(sweeps, title=f"p({tname}) at the answer, knockout from layer l on"),
+    page.add(views.knockout_curves(sweeps, title=f"p({tname}) at the answer, knockout from layer l on",
+                                   y_label=f"p({tname}) (probability)"),
              "Attention knockout",
              f"Attention from the last prompt token to video (or audio) keys blocked in layers l..{n - 1}; the "
              f"curve is the probability of '{views.html.esc(tname)}' "
@@ -230,9 +231,16 @@ def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None
             res = patch_by_modality(model, a, b, pm, components=("resid_pre", "attn_out", "mlp_out"),
                                     sets=("audio", "video", "text"), progress=False)
             if abs(res.clean - res.corrupted) > 1e-6:
+                remark = ""
+                if ta == tb:
+                    remark = (f" Both clips give the same answer ({views.html.esc(model.tokenizer.convert_ids_to_tokens(ta))}),"
+                              f" so the metric is its log-probability and the factual-counterfactual gap is small "
+                              f"({float(res.clean):.3f} vs {float(res.corrupted):.3f}): a patch that makes the answer "
+                              "more likely than in the factual run scores above 1.")
                 for comp in ("resid_pre", "attn_out", "mlp_out"):
                     page.add(views.patching_heatmap(res, comp), f"Patching {comp}, factual → counterfactual" if comp == "resid_pre" else None,
-                             f"Metric {views.html.esc(what)}; 1 = the factual value fully restored." if comp == "resid_pre" else "")
+                             f"Metric {views.html.esc(what)}; 1 = the factual value fully restored, 0 = the "
+                             f"counterfactual value.{remark}" if comp == "resid_pre" else "")
             else:
                 summary.notes.append("factual and counterfactual give the same metric: patching skipped")
         except InputError as e:

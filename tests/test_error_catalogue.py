@@ -247,6 +247,8 @@ CLI = {
     "cli-sweep-window-old-form": lambda ctx: ["sweep", "--windows", "0-3", "--out", str(ctx.tmp / "sweep-old")],
     "cli-option-bad-type": lambda ctx: ["sweep", "--pairs", "many", "--out", str(ctx.tmp / "sweep-type")],
     "cli-report-fps-zero": lambda ctx: ["report", "--fps", "0", "--out", str(ctx.tmp / "r.html")],
+    "cli-report-duration-over-window": lambda ctx: ["report", "--video", str(ctx.files["tone"]), "--duration", "9"],
+    "cli-report-threads-zero": lambda ctx: ["demo", "--threads", "0"],
 }
 
 
@@ -637,6 +639,10 @@ CASES: list[Case] = [
          CLIExit, ("av-lens demo:", "no checkpoint folder at", "no_such_model"), ("existing local folder",)),
     Case("cli-sweep-window-outside-layers", "cli", _cli("cli-sweep-window-outside-layers"),
          CLIExit, ("av-lens sweep:", "the window '0:9' is outside the model's layers 0:4"), ("windows within 0:4",)),
+    Case("cli-report-duration-over-window", "cli", _cli("cli-report-duration-over-window"),
+         CLIExit, ("av-lens report:", "--duration 9 s is longer than the 4 s this model hears"), ("--duration 4 or less",)),
+    Case("cli-report-threads-zero", "cli", _cli("cli-report-threads-zero"),
+         CLIExit, ("av-lens demo:", "--threads 0 is not a positive number of threads"), ("--threads 1",)),
 ]
 
 

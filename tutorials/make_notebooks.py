@@ -2,7 +2,8 @@
 
     python tutorials/make_notebooks.py
 
-The notebooks are written without outputs (CI executes them: tests/test_tutorials.py). Each runs top to
+The notebooks are committed executed, with their outputs (deterministic: stderr, widgets and timings are left
+out; tests/test_tutorials.py executes each again and checks that the outputs are the committed ones). Each runs top to
 bottom on the embedded model organism, offline, in seconds on a CPU; changing the ``MODEL = ...`` line of its
 first code cell points it at a real checkpoint ("Qwen/Qwen2.5-Omni-3B" or a local folder).
 """
@@ -1060,16 +1061,89 @@ def build(name: str, cells) -> nbformat.NotebookNode:
 
 
 def render(name: str, cells) -> str:
-    """The notebook file's text (outputs empty)."""
+    """The notebook file's text without outputs (what :func:`execute` runs)."""
     nb = build(name, cells)
     nbformat.validate(nb)
+    return _text(nb)
+
+
+def _text(nb) -> str:
     text = nbformat.writes(nb)
     return text if text.endswith("\n") else text + "\n"
 
 
-def main() -> None:
+#: outputs that differ from run to run or from machine to machine, left out of the committed notebooks
+_VOLATILE_MIME = ("application/vnd.jupyter.widget-view+json",)
+#: larger HTML outputs (circuitsvis views with their bundled script) are replaced by a one-line note
+_MAX_HTML = 200_000
+
+
+def clean_outputs(nb) -> nbformat.NotebookNode:
+    """Make an executed notebook deterministic: keep stdout, results and displays; drop stderr (warnings, progress
+    bars), widget outputs, timing metadata; number the code cells 1, 2, ... in order."""
+    nb.metadata["language_info"] = {"name": "python"}  # not the kernel's version details
+    n = 0
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        n += 1
+        cell.execution_count = n
+        cell.metadata = {}
+        kept = []
+        for out in cell.get("outputs", []):
+            if out.output_type == "stream" and out.name == "stderr":
+                continue
+            if out.output_type in ("display_data", "execute_result"):
+                if any(m in out.get("data", {}) for m in _VOLATILE_MIME):
+                    continue
+                out.metadata = {}
+                html = out.get("data", {}).get("text/html", "")
+                if len("".join(html)) > _MAX_HTML:  # a circuitsvis view carries its whole script bundle
+                    out.data = {"text/plain": "[interactive circuitsvis view: run the cell to see it (its "
+                                              f"{len(''.join(html)) / 1e6:.1f} MB script is not committed)]"}
+                if out.output_type == "execute_result":
+                    out.execution_count = n
+            if out.output_type == "stream" and kept and kept[-1].output_type == "stream" and kept[-1].name == out.name:
+                kept[-1].text += out.text  # how the text was split into messages depends on timing
+                continue
+            kept.append(out)
+        cell.outputs = kept
+    return nb
+
+
+def execute(name: str, cells, timeout: int = 120) -> str:
+    """Run the notebook in a fresh python3 kernel from tutorials/, offline, on one thread; its cleaned text."""
+    import os
+
+    import nbclient
+
+    nb = build(name, cells)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                                resources={"metadata": {"path": str(HERE)}}).execute()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    nb = clean_outputs(nb)
+    nbformat.validate(nb)
+    return _text(nb)
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write the tutorial notebooks, executed (outputs included).")
+    ap.add_argument("--no-execute", action="store_true", help="write them without outputs (fast)")
+    ap.add_argument("names", nargs="*", help="notebooks to write (default: all)")
+    args = ap.parse_args(argv)
     for name, cells in NOTEBOOKS.items():
-        (HERE / name).write_text(render(name, cells), encoding="utf-8")
+        if args.names and name not in args.names:
+            continue
+        text = render(name, cells) if args.no_execute else execute(name, cells)
+        (HERE / name).write_text(text, encoding="utf-8")
         print("wrote", HERE / name)
 
 

@@ -42,9 +42,11 @@ def segments(layout, tokenizer=None, sample: int = 0, max_text: int = 200):
         if media or pool_text:
             n = int((seg == len(labels) - 1).sum())
             t0, t1 = float(layout.time[sample, start]), float(layout.time[sample, p])
-            tt = f" {t0:.1f}-{t1:.1f}s" if math.isfinite(t0) else ""
+            tt = f"·{t0:.1f}-{t1:.1f}s" if math.isfinite(t0) else ""
             name = Modality(m).name.lower() if media else "text"
-            labels[-1] = f"[{name} {int(layout.item[sample, p]) if media else ''} x{n}{tt}]".replace("  ", " ")
+            item = f"#{int(layout.item[sample, p])}" if media else ""
+            # circuitsvis drops every whitespace character from token labels, so "·" separates the parts
+            labels[-1] = f"[{name}{item}·{n}tok{tt}]"
         else:
             w = tokenizer.convert_ids_to_tokens(ids[p]) if tokenizer is not None else str(ids[p])
             labels[-1] = w.replace("Ġ", " ").replace("Ċ", "\\n").replace("\n", "\\n")

@@ -20,6 +20,27 @@ def _colour(name: str, i: int) -> str:
     return COLOURS.get(name.split()[0].lower(), _PALETTE[i % len(_PALETTE)]) if name.split() else _PALETTE[i % 8]
 
 
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering [lo, hi], about ``n`` of them."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw - 1e-12)
+    first = math.floor(lo / step + 1e-9) * step
+    ticks, v = [], first
+    while v < hi + step * 0.999:
+        ticks.append(round(v, 12))
+        v += step
+    return ticks
+
+
+def _tick_label(v: float, ticks: Sequence[float]) -> str:
+    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9)) + (1 if round(step / 10 ** math.floor(math.log10(step)), 6) == 2.5 else 0)
+    return f"{v:.{decimals}f}"
+
+
 def line_plot(x_labels: Sequence[str], series: Mapping[str, Sequence[float]], *, title: str = "", y_label: str = "",
               x_label: str = "", hlines: Mapping[str, float] | None = None, width: int = 560, height: int = 280,
               y_range: tuple[float, float] | None = None) -> str:
@@ -31,16 +52,19 @@ def line_plot(x_labels: Sequence[str], series: Mapping[str, Sequence[float]], *,
     lo, hi = y_range if y_range else (min(vals + [0.0]), max(vals + [1e-9]))
     if hi - lo < 1e-9:
         hi = lo + 1
+    ticks = nice_ticks(lo, hi)
+    if not y_range:  # widen the axis to round values
+        lo, hi = min(lo, ticks[0]), max(hi, ticks[-1])
     n = max(len(x_labels), 2)
     X = lambda i: ml + W * i / (n - 1)  # noqa: E731
     Y = lambda v: mt + H * (1 - (v - lo) / (hi - lo))  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="avl-plot" width="{width}" height="{height}" '
            f'font-family="sans-serif" font-size="11">',
            f'<text x="{ml}" y="16" font-size="13" font-weight="600">{esc(title)}</text>']
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        out.append(f'<line x1="{ml}" x2="{ml + W}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#e5e7eb"/>'
-                   f'<text x="{ml - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.2f}</text>')
+    for v in ticks:
+        if lo - 1e-9 <= v <= hi + 1e-9:
+            out.append(f'<line x1="{ml}" x2="{ml + W}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#e5e7eb"/>'
+                       f'<text x="{ml - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{_tick_label(v, ticks)}</text>')
     step = max(1, len(x_labels) // 12)
     for i, lab in enumerate(x_labels):
         if i % step == 0:
@@ -51,7 +75,7 @@ def line_plot(x_labels: Sequence[str], series: Mapping[str, Sequence[float]], *,
     for j, (name, v) in enumerate((hlines or {}).items()):
         out.append(f'<line x1="{ml}" x2="{ml + W}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#111827" '
                    f'stroke-dasharray="5,4"><title>{esc(name)}: {v:.4f}</title></line>'
-                   f'<text x="{ml + W + 6}" y="{Y(v) + 4:.1f}">{esc(name)}</text>')
+                   f'<text x="{ml + W - 4}" y="{Y(v) - 4:.1f}" text-anchor="end" fill="#111827">{esc(name)}</text>')
     for j, (name, ys) in enumerate(series.items()):
         c = _colour(name, j)
         pts = [(X(i), Y(y)) for i, y in enumerate(ys) if y is not None and math.isfinite(y)]
@@ -73,7 +97,7 @@ def heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], *, tit
     m = torch.as_tensor(matrix, dtype=torch.float32)
     R, C = m.shape
     ml, mt = 70, 40
-    width, height = ml + C * cell + 20, mt + R * cell + 10
+    width, height = max(ml + C * cell + 20, 12 + int(7.5 * len(title))), mt + R * cell + 10  # room for the title
     finite = m[torch.isfinite(m)]
     span = float(finite.abs().max()) if diverging and len(finite) else 1.0
     lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
@@ -112,7 +136,7 @@ def attention_by_layer(flow, *, title: str = "Attention mass per layer by key mo
     return View(svg, title)
 
 
-def knockout_curves(sweeps: Mapping, *, title: str = "Attention knockout") -> View:
+def knockout_curves(sweeps: Mapping, *, title: str = "Attention knockout", y_label: str = "metric value") -> View:
     """Metric per knockout window, one curve per sweep, each sweep's baseline as a dashed line."""
     first = next(iter(sweeps.values()))
     labels = [f"{w.start}:{w.stop}" for w in first.windows]  # half-open, as the windows
@@ -121,7 +145,7 @@ def knockout_curves(sweeps: Mapping, *, title: str = "Attention knockout") -> Vi
                  for name, s in sweeps.items()}
     if len(set(round(v, 9) for v in baselines.values())) == 1:
         baselines = {"no knockout": next(iter(baselines.values()))}
-    return View(line_plot(labels, series, title=title, x_label="knocked-out layers", y_label="metric",
+    return View(line_plot(labels, series, title=title, x_label="knocked-out layers", y_label=y_label,
                           hlines=baselines), title)
 
 

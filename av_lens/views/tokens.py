@@ -64,13 +64,14 @@ def token_strip(layout, tokenizer=None, *, sample: int = 0, collapse_over: int =
     return View(html, title)
 
 
-def logit_lens_grid(lens, layout=None, *, max_columns: int = 48, title: str = "Logit lens") -> View:
+def logit_lens_grid(lens, layout=None, *, max_columns: int = 48, title: str = "Logit lens",
+                    outline_k: int = 1) -> View:
     """Layers x selected positions; each cell the top-1 token, shaded by its probability; cells where a
-    lens target is in the top-k are outlined."""
+    lens target is in the top ``outline_k`` (default: is the top-1 token) are outlined."""
     L, P = lens.top_ids.shape[:2]
     cols = list(range(P)) if P <= max_columns else torch.linspace(0, P - 1, max_columns).round().long().tolist()
     tok = lens.tokenizer
-    hits = lens.hits() if lens.targets else torch.zeros(L, P, dtype=torch.bool)
+    hits = lens.hits(outline_k) if lens.targets else torch.zeros(L, P, dtype=torch.bool)
     head = ["<tr><th>layer</th>"]
     for c in cols:
         b, p = lens.positions[c]
@@ -95,7 +96,8 @@ def logit_lens_grid(lens, layout=None, *, max_columns: int = 48, title: str = "L
     tnote = ""
     if lens.targets and tok is not None:
         tnote = (f'<p class="avl-note">Outlined: a target ({esc(", ".join(tok.convert_ids_to_tokens(lens.targets)))}) '
-                 f"is in the top {lens.top_ids.shape[-1]}.</p>")
+                 + ("is the top-1 token" if outline_k == 1 else f"is in the top {outline_k}") + "; hover a cell for its top "
+                 f"{lens.top_ids.shape[-1]}.</p>")
     return View(f'<div style="overflow-x:auto"><table class="avl-grid">{"".join(rows)}</table></div>{note}{tnote}',
                 title)
 
