@@ -24,7 +24,7 @@ pairs                       factual/counterfactual pairs, caption-fidelity score
 
 from av_lens.analysis.ablation import head_ablation_hooks, head_effect_table
 from av_lens.analysis.attribution import (AttributionResult, EdgeAttributionResult, attribution_patch,
-                                          edge_attribution)
+                                          edge_attribution, teacher_forced)
 from av_lens.analysis.attention_flow import AttentionFlow, FlowResult, attention_flow
 from av_lens.analysis.knockout import (SweepResult, from_layer_windows, knockout_hooks, knockout_sweep,
                                        sliding_windows, token_drop_sweep)

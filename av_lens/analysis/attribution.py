@@ -312,3 +312,33 @@ def edge_attribution(model, clean, corrupted, metric: Callable[[Tensor], Tensor]
         out.append(torch.einsum("sbqhd,bqhd,rbq->hsr", delta, gz, R.to(delta.device, delta.dtype)).float().cpu())
     return EdgeAttributionResult(torch.stack(out), layers, list(senders), list(receivers), clean_metric,
                                  corrupted_metric, ig_steps)
+
+
+# --------------------------------------------------------------------------------- teacher-forced answers
+def teacher_forced(clean, corrupted, answer) -> tuple:
+    """Both inputs extended by the same answer tokens, and a metric: the answer's mean log-probability.
+
+    ``answer``: token ids ``[n]`` / ``[batch, n]``, or a :class:`~av_lens.generation.Generation` (its new tokens,
+    e.g. the clean run's greedy caption). Attribution (or exact) patching on the extended pair then asks which
+    nodes make the corrupted run produce the clean answer — the study's captions, teacher-forced in one forward::
+
+        gen = model.generate(clean, max_new_tokens=4)
+        clean_x, corrupted_x, metric = teacher_forced(clean, corrupted, gen)
+        atp = attribution_patch(model, clean_x, corrupted_x, metric)
+
+    The metric scores the positions that predict each answer token (the last prompt position and the answer's
+    own positions but the last), averaged over answer tokens and samples."""
+    tokens = getattr(answer, "new_tokens", answer)
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
+    if tokens.ndim == 1:
+        tokens = tokens[None].expand(clean.input_ids.shape[0], -1)
+    if tokens.ndim != 2 or tokens.shape[1] < 1:
+        raise InputError(f"the answer has shape {tuple(tokens.shape)}", "pass [n] or [batch, n] token ids, n >= 1")
+    clean_x, corrupted_x = clean.extend(tokens), corrupted.extend(tokens)
+    n = tokens.shape[1]
+
+    def metric(logits: Tensor) -> Tensor:
+        lp = logits[:, -n - 1:-1].float().log_softmax(-1)
+        return lp.gather(-1, tokens.to(lp.device)[..., None]).squeeze(-1).mean()
+
+    return clean_x, corrupted_x, metric

@@ -221,3 +221,24 @@ def test_edge_attribution_refusals(model, media):
         edge_attribution(model, clean, corrupted, _metric, senders=("image",))
     with pytest.raises(InputError, match="positions"):
         edge_attribution(model, clean, model.prepare(text="hi"), _metric)
+
+
+def test_teacher_forced_answers_compose_with_attribution(model, media):
+    from av_lens.analysis.attribution import teacher_forced
+
+    clean, corrupted = _pair(model, media)
+    gen = model.generate(clean, max_new_tokens=3, stop_at_eos=False)
+    cx, kx, metric = teacher_forced(clean, corrupted, gen)
+    assert cx.layout.count("generated") == 3
+    # the metric is the answer's mean log-probability under one teacher-forced forward
+    logits = model(cx)
+    lp = logits[0, -4:-1].log_softmax(-1)
+    want = lp[torch.arange(3), gen.new_tokens[0]].mean()
+    assert float(metric(logits)) == pytest.approx(float(want), abs=1e-6)
+    with model.hooks(fwd_hooks=_freeze_hooks(model, kx)):
+        atp = attribution_patch(model, cx, kx, metric, components=("resid_pre",), sets=("audio", "video"))
+        exact = patch_by_modality(model, cx, kx, metric, components=("resid_pre",), sets=("audio", "video"),
+                                  progress=False)
+    torch.testing.assert_close(atp["resid_pre"], exact["resid_pre"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="answer"):
+        teacher_forced(clean, corrupted, torch.zeros(1, 0, dtype=torch.long))
