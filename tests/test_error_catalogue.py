@@ -1001,6 +1001,10 @@ CASES += [
                      d_in=4, d_sae=8, hook_name="blocks.99.hook_resid_post"))),
          HookNameError, ("the dictionary reads 'blocks.99.hook_resid_post', which this model does not have",),
          ("train or load a dictionary for one of model.hook_dict's names",)),
+    Case("attribution-teacher-forced-empty-answer", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["teacher_forced"]).teacher_forced(
+             ctx.audio, ctx.audio, torch.zeros(1, 0, dtype=torch.long)),
+         InputError, ("the answer has shape (1, 0)",), ("pass [n] or [batch, n] token ids, n >= 1",)),
     Case("token-drop-matches-nothing", "analyses",
          lambda ctx: __import__("av_lens.analysis", fromlist=["token_drop_sweep"]).token_drop_sweep(
              ctx.model, ctx.audio, "video", lambda logits, inputs: logits.sum(), progress=False),
