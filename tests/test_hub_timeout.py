@@ -54,9 +54,10 @@ def silent_endpoint():
     srv.close()
 
 
-def test_silent_hub_endpoint_fails_within_the_timeout(silent_endpoint):
+def test_silent_hub_endpoint_fails_within_the_timeout(silent_endpoint, tmp_path):
+    # a fresh, empty hub cache: nothing cached can answer for the endpoint
     env = {**os.environ, "HF_ENDPOINT": silent_endpoint, "AV_LENS_HUB_TIMEOUT": "3", "HF_HUB_OFFLINE": "0",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": os.environ.get("HF_HOME", "/tmp/av_lens_hub_timeout_home")}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(tmp_path / "hf_home")}
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", LOAD], env=env, capture_output=True, text=True, timeout=60)
     took = time.monotonic() - t0
