@@ -18,11 +18,13 @@ What is its own:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from av_lens.adapters.base import Adapter, register
-from av_lens.adapters.qwen2_audio import (QWEN2_AUDIO, RENAMES, audio_llm_config, audio_request,
-                                          audio_token_seconds, build_rotary, encoder_layers, token_lengths)
+from av_lens.adapters.base import register
+from av_lens.adapters.qwen2_audio import (QWEN2_AUDIO, audio_llm_config, audio_request, audio_token_seconds,
+                                          encoder_layers, token_lengths)
 from av_lens.config import AVConfig
 from av_lens.errors import InputError, LayoutError
 from av_lens.layout import MediaSpec, build_layout
@@ -163,18 +165,14 @@ def reference_kwargs(inp) -> dict:
     return kw
 
 
-AUDIOFLAMINGO3 = register(Adapter(
+#: Qwen2-Audio's weight map, towers, key renames, rotary and encoder layers; its own config, towers, encoder call,
+#: windows-per-clip inputs and prompts
+AUDIOFLAMINGO3 = register(replace(
+    QWEN2_AUDIO,
     name="audioflamingo3",
     model_types=("audioflamingo3",),
-    global_map=QWEN2_AUDIO.global_map,
-    layer_map=QWEN2_AUDIO.layer_map,
-    towers=QWEN2_AUDIO.towers,
-    rename_prefixes=RENAMES,
-    thinker_config=lambda hf: hf,
     to_av_config=_to_av_config,
     build_towers=_build_towers,
-    build_rotary=build_rotary,
-    encoder_layers=encoder_layers,
     encode={"audio": _encode_audio},
     reference_kwargs=reference_kwargs,
     prepare=prepare,

@@ -130,3 +130,19 @@ def adapter_for(config_dict: dict, where: str) -> Adapter:
         f"(architectures {config_dict.get('architectures')}), which is not a supported audio-visual model (or base VLM)",
         f"load a checkpoint whose config.json model_type is one of {supported} (e.g. Qwen/Qwen2.5-Omni-3B)",
     )
+
+
+class Rotary1D(nn.Module):
+    """A 1-D rotary module (a transformers ``*RotaryEmbedding``) fed the first row of av_lens's
+    ``[3, batch, pos]`` positions: under the 1-D position rules all three rows are equal."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    @property
+    def inv_freq(self):
+        return self.inner.inv_freq
+
+    def forward(self, x, position_ids):
+        return self.inner(x, position_ids[0] if position_ids.ndim == 3 else position_ids)

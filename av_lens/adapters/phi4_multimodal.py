@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from av_lens.adapters.base import Adapter, register
+from av_lens.adapters.base import Adapter, Rotary1D, register
 from av_lens.config import AVConfig
 from av_lens.errors import CheckpointError, InputError
 from av_lens.layout import MediaSpec, TokenIds, build_layout
@@ -103,26 +103,10 @@ def _build_towers(hf):
     return {"audio_tower": Phi4MultimodalAudioEmbedding(hf), "visual": visual}
 
 
-class _Rotary1D(nn.Module):
-    """transformers' Phi-4 rotary module fed the first row of av_lens's [3, batch, pos] positions (all rows are
-    equal under the 1-D rules)."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    @property
-    def inv_freq(self) -> torch.Tensor:
-        return self.inner.inv_freq
-
-    def forward(self, x, position_ids):
-        return self.inner(x, position_ids[0] if position_ids.ndim == 3 else position_ids)
-
-
 def _build_rotary(hf):
     from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalRotaryEmbedding
 
-    return _Rotary1D(Phi4MultimodalRotaryEmbedding(config=hf))
+    return Rotary1D(Phi4MultimodalRotaryEmbedding(config=hf))
 
 
 def _used_vision_layers(image_embed) -> list[nn.Module]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from av_lens.adapters.base import Adapter, register
+from av_lens.adapters.base import Adapter, Rotary1D, register
 from av_lens.adapters.qwen2_5_omni import QWEN2_5_OMNI, _marker_ids, _text_model_kwargs
 from av_lens.config import AVConfig
 from av_lens.errors import InputError
@@ -73,21 +73,6 @@ def _build_towers(hf):
 
     return {"audio_tower": Qwen2AudioEncoder._from_config(hf.audio_config, attn_implementation="sdpa"),
             "multi_modal_projector": Qwen2AudioMultiModalProjector(hf)}
-
-
-class Rotary1D(nn.Module):
-    """A 1-D rotary module (transformers' Qwen2 one) fed the first row of av_lens's [3, batch, pos] positions."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    @property
-    def inv_freq(self) -> torch.Tensor:
-        return self.inner.inv_freq
-
-    def forward(self, x, position_ids):
-        return self.inner(x, position_ids[0] if position_ids.ndim == 3 else position_ids)
 
 
 def build_rotary(hf):

@@ -41,6 +41,8 @@ from av_lens.analysis._common import check_layers, selector_mask
 from av_lens.errors import InputError
 from av_lens.layout import SelectorLike
 
+EMBED = "blocks.0.hook_resid_pre"
+
 #: component -> (hook suffix, kind); kind: "pos" [b, p, d], "head" [b, p, h, d], "neuron" [b, p, n]
 COMPONENTS = {
     "resid_pre": ("hook_resid_pre", "pos"), "resid_mid": ("hook_resid_mid", "pos"),
@@ -70,11 +72,10 @@ class AttributionResult:
         return self.corrupted + self.effect(component)
 
     def recovered(self, component: str) -> Tensor:
-        gap = self.clean - self.corrupted
-        if abs(gap) < 1e-12:
-            raise InputError("the clean and corrupted metrics are equal, so recovery is undefined",
-                             "choose a metric that separates the two runs")
-        return self.effect(component) / gap
+        """Estimated fraction of the clean-corrupted metric gap the patch restores."""
+        from av_lens.analysis.patching import metric_gap
+
+        return self.effect(component) / metric_gap(self.clean, self.corrupted)
 
     def top(self, k: int, component: str) -> list[tuple[tuple[int, ...], float]]:
         """The ``k`` nodes of ``component`` with the largest |effect|: ((layer, [head/neuron,] set index), effect)."""
@@ -160,7 +161,7 @@ def attribution_patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor
         return resid.detach().requires_grad_(True)
 
     with torch.enable_grad():
-        out = model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.hook_resid_pre", leaf)]
+        out = model.run_with_hooks(corrupted, fwd_hooks=[(EMBED, leaf)]
                                    + [(n, track) for n in hook_names])
         m = scalar(metric(out))
         if not m.requires_grad:
@@ -249,7 +250,7 @@ def edge_attribution(model, clean, corrupted, metric: Callable[[Tensor], Tensor]
     S = torch.stack([selector_mask(lay, s, f"sender group '{n}'") for n, s in senders.items()]).float()
     R = torch.stack([selector_mask(lay, s, f"receiver group '{n}'") for n, s in receivers.items()]).float()
     n_rep = model.cfg.n_rep
-    names = [f"blocks.{l}.attn.hook_{a}" for l in layers for a in ("pattern", "v")]
+    names = [EMBED] + [f"blocks.{l}.attn.hook_{a}" for l in layers for a in ("pattern", "v")]
 
     def edge_sums(cache, l) -> Tensor:
         """[sender, batch, q, head, d_head]: Σ_{k∈S} A[b, h, q, k] v[b, k, h // n_rep]."""
@@ -274,7 +275,7 @@ def edge_attribution(model, clean, corrupted, metric: Callable[[Tensor], Tensor]
 
         hooks = [(n, keep) for n in names]
         if want_grad:
-            hooks = [("blocks.0.hook_resid_pre", leaf)] + hooks + [(f"blocks.{l}.attn.hook_z", track_z) for l in layers]
+            hooks = [(EMBED, leaf)] + hooks + [(f"blocks.{l}.attn.hook_z", track_z) for l in layers]
             with torch.enable_grad():
                 m = metric(model.run_with_hooks(x, fwd_hooks=hooks))
                 if not isinstance(m, Tensor) or m.numel() != 1 or not m.requires_grad:
@@ -286,18 +287,9 @@ def edge_attribution(model, clean, corrupted, metric: Callable[[Tensor], Tensor]
             m = metric(model.run_with_hooks(x, fwd_hooks=hooks))
         return float(m), store, grads
 
-    emb: dict[str, Tensor] = {}
-
-    def grab(resid, hook):
-        emb[hook.name] = resid.detach()
-
-    with torch.no_grad():
-        model.run_with_hooks(clean, fwd_hooks=[("blocks.0.hook_resid_pre", grab)], return_type=None)
-        emb_clean = emb.pop("blocks.0.hook_resid_pre")
-        model.run_with_hooks(corrupted, fwd_hooks=[("blocks.0.hook_resid_pre", grab)], return_type=None)
-        emb_corr = emb.pop("blocks.0.hook_resid_pre")
     clean_metric, clean_cache, _ = run(clean)
     corrupted_metric, corr_cache, g = run(corrupted, want_grad=True)
+    emb_clean, emb_corr = clean_cache[EMBED], corr_cache[EMBED]          # the input residual of both runs
     if ig_steps is not None:
         acc = {n: torch.zeros_like(t) for n, t in g.items()}
         for j in range(ig_steps):

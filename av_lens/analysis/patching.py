@@ -58,6 +58,15 @@ def check_aligned(clean, corrupted) -> None:
                          "use inputs with the same layout (same prompt template and media token counts)")
 
 
+def metric_gap(clean: float, corrupted: float) -> float:
+    """clean - corrupted, refused when the two runs' metrics are equal (recovery would be undefined)."""
+    gap = clean - corrupted
+    if abs(gap) < 1e-12:
+        raise InputError("the clean and corrupted metrics are equal, so recovery is undefined",
+                         "choose a metric that separates the two runs")
+    return gap
+
+
 @dataclass
 class PatchResult:
     """Patched metric per component: [layer, set] or [layer, head, set]; with the clean and corrupted metrics."""
@@ -73,11 +82,7 @@ class PatchResult:
 
     def recovered(self, component: str) -> Tensor:
         """Fraction of the clean-corrupted metric gap the patch restores (1 = all of it)."""
-        gap = self.clean - self.corrupted
-        if abs(gap) < 1e-12:
-            raise InputError("the clean and corrupted metrics are equal, so recovery is undefined",
-                             "choose a metric that separates the two runs")
-        return (self.values[component] - self.corrupted) / gap
+        return (self.values[component] - self.corrupted) / metric_gap(self.clean, self.corrupted)
 
 
 def _set_masks(layout, sets: dict[str, SelectorLike]) -> list[Tensor]:

@@ -218,6 +218,19 @@ class ProbeResult:
         return "\n".join(rows + [f"chance {self.chance:.3f}  (train {self.n_train}, test {self.n_test})"])
 
 
+def _split(n: int, test_fraction: float, seed: int, *, min_test: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A seeded (test, train) split of ``n`` items and, from the same generator, the permutation that shuffles the
+    labels of the control task."""
+    if not 0 < test_fraction < 1:
+        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}", "use e.g. 0.3")
+    n_test = int(round(n * test_fraction))
+    if n_test < min_test or n - n_test < 2:
+        raise InputError(f"{n} items are too few to split into train and test", "pool more clips (>= 10)")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    return perm[:n_test], perm[n_test:], torch.randperm(n, generator=g)
+
+
 def probe_layers(features: Float[Tensor, "layer n d"], labels: Int[Tensor, "n"], *, test_fraction: float = 0.3,
                  n_classes: int | None = None, l2: float = 1e-3, seed: int = 0,
                  layers: list[int] | None = None) -> ProbeResult:
@@ -243,16 +256,9 @@ def probe_layers(features: Float[Tensor, "layer n d"], labels: Int[Tensor, "n"],
     if len(torch.unique(labels)) < 2:
         raise InputError(f"all {n} labels are the same class ({int(labels[0]) if n else 'none'}), so a probe has "
                          "nothing to separate and its accuracy is trivially 1", "pass items of at least two classes")
-    if not 0 < test_fraction < 1:
-        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}", "use e.g. 0.3")
-    n_test = int(round(n * test_fraction))
-    if n_test < 1 or n - n_test < 2:
-        raise InputError(f"{n} items are too few to split into train and test", "pool more clips (>= 10)")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    test, train = perm[:n_test], perm[n_test:]
+    test, train, shuffle = _split(n, test_fraction, seed, min_test=1)
     k = int(n_classes or int(labels.max()) + 1)
-    control = labels[torch.randperm(n, generator=g)]
+    control = labels[shuffle]
     acc, ctl, tr, au, cau = [], [], [], [], []
     for l in range(L):
         X = features[l]
@@ -265,7 +271,7 @@ def probe_layers(features: Float[Tensor, "layer n d"], labels: Int[Tensor, "n"],
         cau.append(multiclass_auroc(c.logits(X[test]).softmax(-1), control[test]))
     chance = float((labels[test] == torch.bincount(labels[train], minlength=k).argmax()).double().mean())
     return ProbeResult(list(layers) if layers is not None else list(range(L)), torch.tensor(acc), torch.tensor(ctl),
-                       torch.tensor(tr), chance, len(train), n_test, torch.tensor(au), torch.tensor(cau))
+                       torch.tensor(tr), chance, len(train), len(test), torch.tensor(au), torch.tensor(cau))
 
 
 # ------------------------------------------------------------------------------------------- regression
@@ -316,15 +322,8 @@ def regression_probe_layers(features: Float[Tensor, "layer n d"], targets: Float
     if float(y.std()) == 0:
         raise InputError("every regression target has the same value; R² is undefined",
                          "use targets that vary across items")
-    if not 0 < test_fraction < 1:
-        raise InputError(f"test_fraction must be in (0, 1), got {test_fraction}", "use e.g. 0.3")
-    n_test = int(round(n * test_fraction))
-    if n_test < 2 or n - n_test < 2:
-        raise InputError(f"{n} items are too few to split into train and test", "pool more clips (>= 10)")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=g)
-    test, train = perm[:n_test], perm[n_test:]
-    control = y[torch.randperm(n, generator=g)]
+    test, train, shuffle = _split(n, test_fraction, seed, min_test=2)
+    control = y[shuffle]
     r2, ctl, tr = [], [], []
     for l in range(L):
         X = features[l].double()
@@ -334,4 +333,4 @@ def regression_probe_layers(features: Float[Tensor, "layer n d"], targets: Float
         ctl.append(_ridge_r2(X[train], control[train], X[test], control[test], l2)[0])
     f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return RegressionProbeResult(list(layers) if layers is not None else list(range(L)), f64(r2), f64(ctl), f64(tr),
-                                 len(train), n_test)
+                                 len(train), len(test))

@@ -100,9 +100,7 @@ class SinkResult:
         return out
 
     def _n_queries(self) -> Tensor:
-        """[batch, pos]: the number of real query rows at or after each key (who can see it, causally)."""
-        real = self.layout.attention_mask.float()
-        return real.flip(-1).cumsum(-1).flip(-1) * real
+        return queries_seeing(self.layout.attention_mask.bool())
 
     def table(self, threshold: float = 0.3, ratio: float = 100.0, top: int = 10) -> str:
         rows = [f"attention sinks (share >= {threshold}):"]
@@ -114,6 +112,12 @@ class SinkResult:
                  f"dim {r['dim']:>4} {r['ratio']:.0f}x"
                  for r in self.massive(ratio)[:top]] or ["  none"]
         return "\n".join(rows)
+
+
+def queries_seeing(real: Tensor) -> Tensor:
+    """[batch, pos]: the number of real query rows at or after each real key (who can see it, causally)."""
+    r = real.float()
+    return r.flip(-1).cumsum(-1).flip(-1) * r
 
 
 def scan_sinks(model, inputs, *, layers=None) -> SinkResult:
@@ -130,7 +134,7 @@ def scan_sinks(model, inputs, *, layers=None) -> SinkResult:
     max_dim = torch.zeros(B, L + 1, T, dtype=torch.long)
     median = torch.zeros(B, L + 1)
     pos_of = {l: i for i, l in enumerate(layers)}
-    n_q = (real.float().flip(-1).cumsum(-1).flip(-1) * real.float())           # queries at or after each key
+    n_q = queries_seeing(real)
 
     def pattern_hook(pattern, hook):
         l = int(hook.name.split(".")[1])
