@@ -306,6 +306,10 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
     if cfg.rope_rules == "qwen3_omni":  # its processor interleaves audio-in-video by these two settings
         kwargs["position_id_per_seconds"] = cfg.position_id_per_seconds
         kwargs["n_window"] = cfg.audio_n_window
+    elif cfg.rope_rules == "qwen2_5_omni" and use_audio_in_video and videos:
+        # the processor interleaves by its own class defaults (25 / 2 s) unless told the checkpoint's
+        kwargs["position_id_per_seconds"] = cfg.position_id_per_seconds
+        kwargs["seconds_per_chunk"] = cfg.seconds_per_chunk
     try:
         data = proc(text=texts, images=images or None, videos=videos or None, **kwargs)
     except (ValueError, IndexError, RuntimeError) as e:

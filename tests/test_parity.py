@@ -87,3 +87,27 @@ def test_generate_on_tied_mqa_model(pairs, media):
     inp = ours.prepare(**cases(media)["video_with_audio"])
     gen = ours.generate(inp, max_new_tokens=8, stop_at_eos=False)
     assert torch.equal(gen.new_tokens, hf_generate(ref, inp, 8)[0])
+
+
+@pytest.mark.parametrize("rate", [5, 13])
+def test_audio_in_video_uses_the_checkpoints_position_rate(tmp_path, media, rate):
+    """A checkpoint whose ``position_id_per_seconds`` is not the processor's default of 25 interleaves its
+    audio-in-video chunks by its own rate (the processor is told), and matches transformers fed the same ids."""
+    import json as _json
+
+    from av_lens.layout import Modality
+    from av_lens.testing.tiny import save_tiny_qwen2_5_omni
+
+    folder = save_tiny_qwen2_5_omni(tmp_path / "m")
+    cfg = _json.loads((folder / "config.json").read_text())
+    cfg["position_id_per_seconds"] = rate
+    (folder / "config.json").write_text(_json.dumps(cfg))
+    ours = HookedAVTransformer.from_pretrained(folder)
+    inp = ours.prepare("Describe what you see and hear.", videos=[media["video"]], video_audio=[media["wav5"]],
+                       use_audio_in_video=True)
+    mods = inp.layout.modality[0].tolist()
+    runs = sum(1 for a, b in zip(mods, mods[1:]) if a != b and b == int(Modality.AUDIO))
+    assert runs >= 2, "audio-in-video should be interleaved in several 2-second chunks at this rate"
+    ref = load_reference(folder)
+    with torch.no_grad():
+        assert (ours(inp) - ref(**inp.hf_kwargs()).logits).abs().max() < 1e-4

@@ -20,6 +20,8 @@ WORDS = list(dict.fromkeys(CHAT_WORDS + QUESTION_WORDS + list(OBJECTS) + list(SO
 ARCH = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=384, audio_d=64, audio_layers=2,
             vision_d=64, vision_depth=2)
 MAX_AUDIO_SECONDS = 4
+#: TMRoPE time positions per second (= audio tokens per second); the processor must be told the same rate
+POSITION_ID_PER_SECONDS = 25
 
 
 def build_tokenizer():
@@ -70,7 +72,7 @@ def thinker_config(tok, arch: dict | None = None):
         audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
         audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
         vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
-        user_token_id=ids["<|im_start|>"], position_id_per_seconds=25, seconds_per_chunk=2,
+        user_token_id=ids["<|im_start|>"], position_id_per_seconds=POSITION_ID_PER_SECONDS, seconds_per_chunk=2,
         tie_word_embeddings=False,
     )
     cfg.text_config.pad_token_id = ids["<|endoftext|>"]

@@ -13,11 +13,14 @@ Figures (each a fraction of the held-out pairs of ``world.eval_pairs()``):
 * ``hear_audio_only``: "what do you hear ?" with no picture;
 * ``probe``: per-layer held-out accuracy of a linear probe reading the *sound's* class from the residual
   stream at the audio positions (mean-pooled per clip), with its shuffled-label control — "audio is there".
+
+Every fraction comes with its Wilson 95 % interval (``ci95``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -30,6 +33,20 @@ from av_lens.organism import world
 from av_lens.processing import AUDIO_PH, VIDEO_PH
 
 N_EVAL = 96
+#: the figures that are fractions of the held-out pairs (each gets a Wilson interval)
+FRACTIONS = ("see", "see_silent_video", "hear_silent_video_picture", "hear_factual", "hear_cf_picture",
+             "hear_cf_sound", "hear_audio_only", "describe_cf_picture", "describe_cf_sound")
+
+
+def wilson(k: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``k / n`` (95 % by default)."""
+    if n <= 0:
+        raise InputError("a Wilson interval needs at least one trial", "pass n >= 1")
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)
 
 
 def clip_inputs(model, clips: list[world.Clip], question: str = "hear", mode: str = "av"):
@@ -93,6 +110,7 @@ def evaluate_model(model, pairs=None, *, probe: bool = True, base: bool = False)
     res["describe_cf_picture"] = _frac(snd[c.look] in t.split() for t, c in zip(caps, cf))
     res["describe_cf_sound"] = _frac(snd[c.sound] in t.split() for t, c in zip(caps, cf))
     res["describe_cf_examples"] = [f"{c.names[0]}+{c.names[1]}: {t.strip()}" for c, t in zip(cf[:4], caps[:4])]
+    res["ci95"] = {k: list(wilson(round(res[k] * len(pairs)), len(pairs))) for k in FRACTIONS}
     if probe:
         clips = fact + cf
         feats = pooled_residuals(model, clip_inputs(model, clips, "hear", "av"), "audio")
@@ -109,9 +127,9 @@ def evaluate_folder(folder: str | os.PathLike) -> dict:
 
     folder = Path(folder)
     out = {}
-    for name in ("organism", "organism-base"):
-        model = HookedAVTransformer.from_pretrained(folder / name)
-        out[name] = evaluate_model(model)
+    for name in ("organism", "organism-base", "organism-control"):
+        if (folder / name).is_dir():
+            out[name] = evaluate_model(HookedAVTransformer.from_pretrained(folder / name))
     return out
 
 

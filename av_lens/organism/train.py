@@ -15,8 +15,13 @@ Nothing is hand-set: every weight starts random (seeded) and changes only by gra
 captions. Whether the final model follows the picture or the sound on counterfactual clips is measured
 afterwards (``av_lens.organism.evaluate``), not built in.
 
-Determinism: one seed drives data, initialisation and batch order; torch runs with 2 threads and
-deterministic algorithms, so a re-run reproduces the figures (up to float reduction order across machines).
+Determinism: one seed drives data, initialisation and batch order; torch runs with ``--threads`` threads
+(2 by default) and deterministic algorithms, so a re-run with the same thread count reproduces the weights.
+Another thread count changes float reduction order, and for this curriculum that is enough to change the
+organism's counterfactual behaviour (see ``av_lens.organism.seeds`` for the spread over seeds).
+
+``--control 1`` trains the *no-VLM control*: no stage 1, stage 2's data for both stages' steps, from random
+weights (written as ``organism-control/``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 import torch
 
 from av_lens.organism import world
-from av_lens.organism.build import build_processor, build_tokenizer, thinker_config
+from av_lens.organism.build import POSITION_ID_PER_SECONDS, build_processor, build_tokenizer, thinker_config
 from av_lens.processing import AUDIO_PH, VIDEO_PH, chat_prompt
 
 
@@ -49,6 +54,9 @@ class Curriculum:
     stage2_av_clips: int = 1200     # distinct audio-visual clips
     stage2_audio_clips: int = 600   # distinct audio-only clips
     disagree: float = 0.05          # fraction of stage-2 AV clips whose sound is another class's
+    stage2_lm_lr: float = 1.0       # stage 2: learning-rate factor of everything but the new audio tower
+    control: int = 0                # 1: the no-VLM control (no stage 1; stage 2 for both stages' steps)
+    threads: int = 2                # torch threads (a run reproduces exactly only with the same count)
     mix: dict = field(default_factory=lambda: {"av": 0.5, "audio": 0.3, "video": 0.2})  # stage-2 batch mix
     arch: dict = field(default_factory=dict)
 
@@ -73,6 +81,8 @@ def encode_group(proc, mode: str, question: str, clips: list[world.Clip]) -> dic
                                "size": {"shortest_edge": 28 * 28, "longest_edge": world.SIDE ** 2}}
         if mode == "av":
             kw["audio"] = [c.audio for c in clips]
+            kw["position_id_per_seconds"] = POSITION_ID_PER_SECONDS  # the processor interleaves by 25 unless told
+            kw["seconds_per_chunk"] = 2.0
             kw["load_audio_from_video"] = True
             kw["audio_from_video_indices"] = list(range(len(clips)))
     out = dict(proc(text=texts, **kw))
@@ -189,7 +199,7 @@ def train(out: Path, cur: Curriculum, evaluate: bool = True, log=print) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    torch.set_num_threads(2)
+    torch.set_num_threads(cur.threads)
     torch.use_deterministic_algorithms(True)
     t_start = time.perf_counter()
     tok = build_tokenizer()
@@ -200,27 +210,35 @@ def train(out: Path, cur: Curriculum, evaluate: bool = True, log=print) -> dict:
     log(f"organism: {n_params / 1e6:.2f} M parameters")
     pools = build_pools(proc, cur, log)
     gen = torch.Generator().manual_seed(cur.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cur.lr, weight_decay=0.0)
+    audio = [p for n, p in model.named_parameters() if n.startswith("audio_tower.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("audio_tower.")]
+    opt = torch.optim.AdamW([{"params": audio}, {"params": rest}], lr=cur.lr, weight_decay=0.0)
     warm = 50
+    s1 = 0 if cur.control else cur.stage1_steps
+    s2 = cur.stage1_steps + cur.stage2_steps if cur.control else cur.stage2_steps
 
     def lr_at(step: int) -> float:  # per stage: warm-up, constant, linear decay to 10% over the last 30%
-        s1 = cur.stage1_steps
-        a, n = (step, s1) if step < s1 else (step - s1, cur.stage2_steps)
+        a, n = (step, s1) if step < s1 else (step - s1, s2)
         tail = max(0.0, (a - 0.7 * n) / max(0.3 * n, 1))
         return min(1.0, (a + 1) / warm) * (1.0 - 0.9 * min(tail, 1.0))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    model.train()
-    _run_stage(model, opt, sched, pools["stage1"], cur.stage1_steps, {"video": 1.0}, cur, gen, "stage1", log)
+    def lr_rest(step: int) -> float:  # stage 2 fine-tunes what stage 1 trained at a lower rate
+        return lr_at(step) * (cur.stage2_lm_lr if step >= s1 and s1 else 1.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_at, lr_rest])
     meta = {"curriculum": asdict(cur), "n_params": n_params}
     out = Path(out)
-    model.eval()
-    save_checkpoint(model, proc, out / "organism-base", {**meta, "stage": 1})
+    if not cur.control:
+        model.train()
+        _run_stage(model, opt, sched, pools["stage1"], s1, {"video": 1.0}, cur, gen, "stage1", log)
+        model.eval()
+        save_checkpoint(model, proc, out / "organism-base", {**meta, "stage": 1})
     model.train()
-    _run_stage(model, opt, sched, pools["stage2"], cur.stage2_steps, cur.mix, cur, gen, "stage2", log)
+    _run_stage(model, opt, sched, pools["stage2"], s2, cur.mix, cur, gen, "stage2", log)
     model.eval()
     seconds = time.perf_counter() - t_start
-    save_checkpoint(model, proc, out / "organism", {**meta, "stage": 2, "train_seconds": round(seconds, 1)})
+    name = "organism-control" if cur.control else "organism"
+    save_checkpoint(model, proc, out / name, {**meta, "stage": 2, "train_seconds": round(seconds, 1)})
     log(f"trained both stages in {seconds:.0f} s")
     result = {"train_seconds": seconds}
     if evaluate:

@@ -86,3 +86,54 @@ def test_training_is_seeded_and_deterministic(tmp_path):
     final = load_file(tmp_path / "a" / "organism" / "model.safetensors")
     assert any(not torch.equal(base[k], final[k]) for k in base)  # stage 2 changed the weights
     assert not list(tmp_path.glob("a/*.tmp*")) and sorted(os.listdir(tmp_path / "a")) == ["organism", "organism-base"]
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (250, 384), (1, 1)])
+def test_wilson_interval_solves_its_defining_equation(k, n):
+    """The Wilson bounds are the roots p of (k/n - p)^2 = z^2 p (1 - p) / n (clipped to [0, 1])."""
+    from av_lens.organism.evaluate import wilson
+
+    z = 1.959964
+    lo, hi = wilson(k, n)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+    for p in (lo, hi):
+        if 0.0 < p < 1.0:
+            assert abs((k / n - p) ** 2 - z * z * p * (1 - p) / n) < 1e-3
+    with pytest.raises(Exception, match="at least one trial"):
+        wilson(0, 0)
+
+
+def test_control_training_has_no_vision_language_stage(tmp_path):
+    from safetensors.torch import load_file
+
+    from av_lens.organism.train import Curriculum, train
+
+    tiny = dict(stage1_steps=4, stage2_steps=4, stage1_clips=8, stage2_av_clips=8, stage2_audio_clips=8, batch=2,
+                threads=1)
+    train(tmp_path / "c", Curriculum(control=1, **tiny), evaluate=False, log=lambda *_: None)
+    train(tmp_path / "o", Curriculum(**tiny), evaluate=False, log=lambda *_: None)
+    assert sorted(os.listdir(tmp_path / "c")) == ["organism-control"]
+    meta = json.loads((tmp_path / "c" / "organism-control" / "organism.json").read_text())
+    assert meta["curriculum"]["control"] == 1
+    ctl = load_file(tmp_path / "c" / "organism-control" / "model.safetensors")
+    org = load_file(tmp_path / "o" / "organism" / "model.safetensors")
+    assert ctl.keys() == org.keys() and any(not torch.equal(ctl[k], org[k]) for k in ctl)
+
+
+@pytest.mark.slow
+def test_seeds_script_trains_and_reports_every_run(tmp_path):
+    from av_lens.organism import seeds
+
+    tiny = ["--stage1-steps", "3", "--stage2-steps", "3", "--stage1-clips", "8", "--stage2-av-clips", "8",
+            "--stage2-audio-clips", "8", "--batch", "2"]
+    seeds.train_all(tmp_path, [0], [1], jobs=2, extra=tiny, log=lambda *_: None)
+    res = seeds.evaluate_all(tmp_path, [0], [1], n_pairs=8, log=lambda *_: None)
+    assert sorted(res["runs"]) == ["base0", "control1", "seed0"]
+    assert json.loads((tmp_path / "seeds.json").read_text()) == res
+    for r in res["runs"].values():
+        lo, hi = r["ci95"]["hear_cf_picture"]
+        assert lo <= r["hear_cf_picture"] <= hi and r["follows"] in ("picture", "sound", "neither")
+    table = seeds.format_table(res)
+    assert table.count("\n") == 2 + len(res["runs"]) - 1 and "organism-control" in table
+    meta = json.loads((tmp_path / "seed0" / "organism" / "organism.json").read_text())
+    assert meta["curriculum"]["threads"] == 1  # every seed run uses one thread, whatever --jobs
