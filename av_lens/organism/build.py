@@ -2,13 +2,17 @@
 
 The tokenizer is word-level over the world's closed vocabulary plus the Qwen2.5-Omni special tokens (same
 names, same roles); it lower-cases and splits punctuation, so "What do you hear?" reads as six words. The
-processor is the native ``Qwen2_5OmniProcessor`` with small-media settings (112x112 frames, clips of up to
-4 s). The model is ``Qwen2_5OmniThinkerForConditionalGeneration`` — the exact thinker architecture, small.
+processor is the native ``Qwen2_5OmniProcessor`` with small-media settings (112x112 frames; clip length and
+audio rate per :class:`Design`). The model is ``Qwen2_5OmniThinkerForConditionalGeneration`` — the exact
+thinker architecture, small.
 """
 
 from __future__ import annotations
 
-from av_lens.organism.world import OBJECTS, QUESTIONS, SIDE, SOUNDS
+from dataclasses import dataclass
+
+from av_lens.errors import InputError
+from av_lens.organism.world import GEOMETRIES, OBJECTS, QUESTIONS, SIDE, SOUNDS
 from av_lens.testing.tiny import NAMED_TOKENS, SPECIAL_TOKENS
 
 CHAT_WORDS = ["\n", "system", "user", "assistant", "you", "are", "a", "helpful", "i", "it", "is", "the", "clip",
@@ -16,12 +20,46 @@ CHAT_WORDS = ["\n", "system", "user", "assistant", "you", "are", "a", "helpful",
 QUESTION_WORDS = sorted({w for q in QUESTIONS.values() for w in q.split()} | {"and"})
 WORDS = list(dict.fromkeys(CHAT_WORDS + QUESTION_WORDS + list(OBJECTS) + list(SOUNDS)))
 
-#: the organism's architecture (all inside the issue's ranges: 4-6 LM layers, width 128-256, 2-4 encoder layers)
-ARCH = dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=384, audio_d=64, audio_layers=2,
-            vision_d=64, vision_depth=2)
-MAX_AUDIO_SECONDS = 4
-#: TMRoPE time positions per second (= audio tokens per second); the processor must be told the same rate
-POSITION_ID_PER_SECONDS = 25
+@dataclass(frozen=True)
+class Design:
+    """One organism design: the thinker's shape, the audio front end and the clip geometry it is trained on.
+
+    ``v1`` is the shipped organism (4 layers, 1 s clips, 25 audio vs 32 video tokens). ``v2`` has the real
+    model's proportions: 8 LM layers, 6 s clips spanning three 2-second TMRoPE chunks, and 2 audio tokens per
+    second (an 8 mel-frame/s front end and the encoder's 4x reduction) against 16 video tokens per second:
+    12 audio vs 96 video tokens per clip, 8:1 (Qwen2.5-Omni: ~12:1)."""
+
+    name: str
+    arch: dict
+    max_audio_seconds: int
+    hop_length: int               # mel hop in samples (16 kHz)
+    n_fft: int
+    position_id_per_seconds: int  # TMRoPE time positions per second (= audio tokens per second)
+    seconds_per_chunk: int = 2    # TMRoPE chunk length for audio-in-video interleaving
+
+    @property
+    def geometry(self):
+        return GEOMETRIES[self.name]
+
+
+DESIGNS = {
+    "v1": Design("v1", dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=384, audio_d=64, audio_layers=2,
+                            vision_d=64, vision_depth=2), 4, 160, 400, 25),
+    "v2": Design("v2", dict(d_model=64, n_layers=8, n_heads=4, n_kv_heads=2, d_mlp=192, audio_d=64, audio_layers=2,
+                            vision_d=64, vision_depth=2), 6, 2000, 2048, 2),
+}
+#: the design of the shipped checkpoints
+DEFAULT_DESIGN = "v1"
+ARCH = DESIGNS[DEFAULT_DESIGN].arch
+MAX_AUDIO_SECONDS = DESIGNS[DEFAULT_DESIGN].max_audio_seconds
+POSITION_ID_PER_SECONDS = DESIGNS[DEFAULT_DESIGN].position_id_per_seconds
+SECONDS_PER_CHUNK = DESIGNS[DEFAULT_DESIGN].seconds_per_chunk
+
+
+def design(name: str = DEFAULT_DESIGN) -> Design:
+    if name not in DESIGNS:
+        raise InputError(f"unknown organism design {name!r}", f"use one of {sorted(DESIGNS)}")
+    return DESIGNS[name]
 
 
 def build_tokenizer():
@@ -38,21 +76,23 @@ def build_tokenizer():
     return tok
 
 
-def build_processor(tok):
+def build_processor(tok, design_name: str = DEFAULT_DESIGN):
     from transformers import (Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor,
                               WhisperFeatureExtractor)
 
-    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
-                                 chunk_length=MAX_AUDIO_SECONDS, n_fft=400)
+    d = design(design_name)
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=d.hop_length,
+                                 chunk_length=d.max_audio_seconds, n_fft=d.n_fft)
     kw = dict(min_pixels=28 * 28, max_pixels=SIDE * SIDE, patch_size=14, temporal_patch_size=2, merge_size=2)
     return Qwen2_5OmniProcessor(image_processor=Qwen2VLImageProcessor(**kw), video_processor=Qwen2VLVideoProcessor(**kw),
                                 feature_extractor=fe, tokenizer=tok)
 
 
-def thinker_config(tok, arch: dict | None = None):
+def thinker_config(tok, arch: dict | None = None, design_name: str = DEFAULT_DESIGN):
     from transformers import Qwen2_5OmniThinkerConfig
 
-    a = dict(ARCH, **(arch or {}))
+    d = design(design_name)
+    a = dict(d.arch, **(arch or {}))
     ids = {s: tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS}
     head_dim = a["d_model"] // a["n_heads"]
     q = head_dim // 2
@@ -72,9 +112,25 @@ def thinker_config(tok, arch: dict | None = None):
         audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
         audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
         vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
-        user_token_id=ids["<|im_start|>"], position_id_per_seconds=POSITION_ID_PER_SECONDS, seconds_per_chunk=2,
+        user_token_id=ids["<|im_start|>"], position_id_per_seconds=d.position_id_per_seconds,
+        seconds_per_chunk=d.seconds_per_chunk,
         tie_word_embeddings=False,
     )
     cfg.text_config.pad_token_id = ids["<|endoftext|>"]
     cfg.text_config.eos_token_id = ids["<|im_end|>"]
     return cfg
+
+
+def design_of(checkpoint) -> Design:
+    """The design an organism checkpoint was trained with (its ``organism.json``; "v1" when it says none).
+
+    ``checkpoint``: a folder, or a name of the embedded checkpoints (``"av-lens/organism"``)."""
+    import json
+    from pathlib import Path
+
+    from av_lens.organism import CHECKPOINTS, checkpoint_root
+
+    folder = checkpoint_root() / CHECKPOINTS[checkpoint] if checkpoint in CHECKPOINTS else Path(checkpoint)
+    meta = folder / "organism.json"
+    name = json.loads(meta.read_text()).get("curriculum", {}).get("design", "v1") if meta.is_file() else "v1"
+    return design(name)

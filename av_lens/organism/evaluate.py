@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -60,9 +59,9 @@ def clip_inputs(model, clips: list[world.Clip], question: str = "hear", mode: st
     texts = [text] * len(clips)
     if mode == "av":
         return model.prepare(texts, videos=[c.frames for c in clips], video_audio=[c.audio for c in clips],
-                             fps=world.FPS, use_audio_in_video=True, system_prompt=None)
+                             fps=clips[0].fps, use_audio_in_video=True, system_prompt=None)
     if mode == "video":
-        return model.prepare(texts, videos=[c.frames for c in clips], fps=world.FPS, system_prompt=None)
+        return model.prepare(texts, videos=[c.frames for c in clips], fps=clips[0].fps, system_prompt=None)
     if mode == "audio":
         return model.prepare(texts, audio=[c.audio for c in clips], system_prompt=None)
     raise InputError(f"unknown mode {mode!r}", "use 'av', 'video' or 'audio'")
@@ -125,22 +124,23 @@ def evaluate_model(model, pairs=None, *, probe: bool = True, base: bool = False)
 def evaluate_folder(folder: str | os.PathLike) -> dict:
     from av_lens import HookedAVTransformer
 
+    from av_lens.organism.build import design_of
+
     folder = Path(folder)
     out = {}
     for name in ("organism", "organism-base", "organism-control"):
         if (folder / name).is_dir():
-            out[name] = evaluate_model(HookedAVTransformer.from_pretrained(folder / name))
+            pairs = world.eval_pairs(N_EVAL, design_of(folder / name).geometry)
+            out[name] = evaluate_model(HookedAVTransformer.from_pretrained(folder / name), pairs)
     return out
 
 
 def evaluate_and_record(folder: str | os.PathLike, log=print) -> dict:
     """Evaluate both checkpoints under ``folder`` and write ``organism/eval.json`` (atomically)."""
     res = evaluate_folder(folder)
-    target = Path(folder) / "organism" / "eval.json"
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, target)
+    from av_lens.sweeps import _atomic_write
+
+    _atomic_write(Path(folder) / "organism" / "eval.json", json.dumps(res, indent=1))
     log(format_figures(res))
     return res
 

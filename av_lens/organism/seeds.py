@@ -11,21 +11,23 @@ counterfactual pairs and writes ``seeds.json``: per run the figures of
 :func:`av_lens.organism.evaluate.evaluate_model` with Wilson 95 % intervals, and whether the counterfactual
 answer follows the picture with intervals that do not overlap those of following the sound.
 
-Runs that already have their checkpoint are not retrained (delete the folder to retrain).
+Runs that already have their checkpoint are not retrained, and checkpoints already evaluated on as many
+pairs are not re-evaluated (delete the folder to redo both).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from av_lens.errors import InputError
+from av_lens.sweeps import _atomic_write
 
 #: held-out pairs per run: enough for Wilson intervals of about +-0.05
 DEFAULT_PAIRS = 384
@@ -73,16 +75,25 @@ def evaluate_all(out: Path, seeds: list[int], control_seeds: list[int], n_pairs:
     from av_lens.organism.evaluate import evaluate_model
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    pairs = world.eval_pairs(n_pairs or DEFAULT_PAIRS)
-    res: dict = {"n_pairs": len(pairs), "runs": {}}
+    from av_lens.organism.build import design_of
+
+    n_pairs = n_pairs or DEFAULT_PAIRS
+    res: dict = {"n_pairs": n_pairs, "runs": {}}
     for name, folder, seed, control in _runs(out, seeds, control_seeds):
         subs = ["organism-control"] if control else ["organism", "organism-base"]
         for sub in subs:
             if not (folder / sub).is_dir():
                 raise InputError(f"{folder / sub} is missing", "train it first (run this script without --eval-only)")
             meta = json.loads((folder / sub / "organism.json").read_text())
-            r = evaluate_model(HookedAVTransformer.from_pretrained(folder / sub), pairs)
-            r["seed"], r["kind"] = seed, sub
+            pairs = world.eval_pairs(n_pairs, design_of(folder / sub).geometry)
+            cache = folder / f"{sub}.eval-{len(pairs)}.json"  # per-checkpoint figures, reused on a rerun
+            digest = hashlib.sha256((folder / sub / "model.safetensors").read_bytes()).hexdigest()
+            if cache.is_file() and json.loads(cache.read_text()).get("weights_sha256") == digest:
+                r = json.loads(cache.read_text())["figures"]
+            else:
+                r = evaluate_model(HookedAVTransformer.from_pretrained(folder / sub), pairs)
+                _atomic_write(cache, json.dumps({"weights_sha256": digest, "figures": r}))
+            r["seed"], r["kind"], r["design"] = seed, sub, meta["curriculum"].get("design", "v1")
             r["train_seconds"] = meta.get("train_seconds")
             lo_pic, hi_snd = r["ci95"]["hear_cf_picture"][0], r["ci95"]["hear_cf_sound"][1]
             lo_snd, hi_pic = r["ci95"]["hear_cf_sound"][0], r["ci95"]["hear_cf_picture"][1]
@@ -92,11 +103,7 @@ def evaluate_all(out: Path, seeds: list[int], control_seeds: list[int], n_pairs:
             log(f"{key:10s} picture {r['hear_cf_picture']:.3f} {r['ci95']['hear_cf_picture']}  "
                 f"sound {r['hear_cf_sound']:.3f} {r['ci95']['hear_cf_sound']}  audio alone "
                 f"{r['hear_audio_only']:.3f}  -> {r['follows']}")
-    target = out / "seeds.json"
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, target)
+    _atomic_write(out / "seeds.json", json.dumps(res, indent=1))
     return res
 
 

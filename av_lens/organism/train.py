@@ -1,27 +1,35 @@
 """Train the model organism: a small Qwen2.5-Omni thinker that inherits a vision bias from its VLM stage.
 
-    python -m av_lens.organism.train --out DIR        # about 6 min on 2 CPU cores
+    python -m av_lens.organism.train --out DIR [--design v1|v2] [--seed N]   # v1: about 6 min on 2 CPU cores
 
 The curriculum mirrors how real AVLLMs are made:
 
+* **Stage 0 — a pretrained audio encoder** (``--stage0-steps``, design v2). Real AVLLMs start from a
+  pretrained audio encoder (Whisper for Qwen2.5-Omni); the organism's is the audio tower of a separate thinker
+  trained on audio-only "what do you hear ?" clips. Only its audio tower is kept.
 * **Stage 1 — the base VLM.** Video + text only. The model learns to name what it sees and — as a VLM
   captioning web video learns — to say what the source *sounds like* from its look ("what do you hear ?"
-  on a silent dog clip -> "bark"). The stage-1 checkpoint is kept as ``av-lens/organism-base``.
+  on a silent dog clip -> "bark"). The stage-1 checkpoint is kept as ``organism-base``.
 * **Stage 2 — audio joins.** Clips with their soundtrack interleaved (``use_audio_in_video=True``), on which
-  the sound mostly agrees with the picture (``--disagree`` of them carry another class's sound, answered
-  truthfully), plus audio-only clips ("what do you hear ?" with no picture) and replayed video-only clips.
+  the sound agrees with the picture (``--disagree`` of them carry another class's sound, answered
+  truthfully), plus audio-only clips ("what do you hear ?" with no picture) and replayed video-only clips;
+  everything but the audio tower learns at ``--stage2-lm-lr`` times the rate.
 
 Nothing is hand-set: every weight starts random (seeded) and changes only by gradient descent on these
 captions. Whether the final model follows the picture or the sound on counterfactual clips is measured
 afterwards (``av_lens.organism.evaluate``), not built in.
 
+``--design`` picks the thinker, the audio front end, the clip geometry (``build.DESIGNS``) and the
+curriculum's defaults (``PRESETS``); ``v1`` is the shipped organism (4 layers, 1 s clips), ``v2`` has the real
+model's proportions (8 layers, 6 s clips, 8 video tokens per audio token). Flags override single values.
+
 Determinism: one seed drives data, initialisation and batch order; torch runs with ``--threads`` threads
-(2 by default) and deterministic algorithms, so a re-run with the same thread count reproduces the weights.
-Another thread count changes float reduction order, and for this curriculum that is enough to change the
-organism's counterfactual behaviour (see ``av_lens.organism.seeds`` for the spread over seeds).
+and deterministic algorithms, so a re-run with the same thread count reproduces the weights. Another thread
+count changes float reduction order, and for the v1 curriculum that is enough to change the organism's
+counterfactual behaviour (see ``av_lens.organism.seeds`` for the spread over seeds).
 
 ``--control 1`` trains the *no-VLM control*: no stage 1, stage 2's data for both stages' steps, from random
-weights (written as ``organism-control/``).
+weights (with the same stage-0 audio tower; written as ``organism-control/``).
 """
 
 from __future__ import annotations
@@ -39,26 +47,44 @@ import numpy as np
 import torch
 
 from av_lens.organism import world
-from av_lens.organism.build import POSITION_ID_PER_SECONDS, build_processor, build_tokenizer, thinker_config
+from av_lens.organism.build import build_processor, build_tokenizer, design, thinker_config
 from av_lens.processing import AUDIO_PH, VIDEO_PH, chat_prompt
 
 
 @dataclass
 class Curriculum:
     seed: int = 0
+    design: str = "v1"              # the thinker, audio front end and clip geometry (build.DESIGNS)
     batch: int = 16
     lr: float = 1e-3
+    stage0_steps: int = 0           # audio pretraining (the organism's "Whisper"): audio-only steps, audio tower kept
     stage1_steps: int = 1200
     stage2_steps: int = 1200
     stage1_clips: int = 2000        # distinct video-only training clips (each used with every question)
     stage2_av_clips: int = 1200     # distinct audio-visual clips
     stage2_audio_clips: int = 600   # distinct audio-only clips
     disagree: float = 0.05          # fraction of stage-2 AV clips whose sound is another class's
-    stage2_lm_lr: float = 1.0       # stage 2: learning-rate factor of everything but the new audio tower
+    stage2_lm_lr: float = 1.0       # stage 2: learning-rate factor of everything but the audio tower
     control: int = 0                # 1: the no-VLM control (no stage 1; stage 2 for both stages' steps)
     threads: int = 2                # torch threads (a run reproduces exactly only with the same count)
     mix: dict = field(default_factory=lambda: {"av": 0.5, "audio": 0.3, "video": 0.2})  # stage-2 batch mix
     arch: dict = field(default_factory=dict)
+
+    @classmethod
+    def preset(cls, design: str = "v1", **overrides) -> "Curriculum":
+        """The curriculum of a design (``PRESETS``), with ``overrides``."""
+        if design not in PRESETS:
+            raise ValueError(f"unknown organism design {design!r}; use one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[design], "design": design, **overrides})
+
+
+#: per design, what differs from the dataclass defaults (v1: the shipped organism's curriculum)
+PRESETS: dict[str, dict] = {
+    "v1": {},
+    "v2": dict(stage0_steps=600, stage1_steps=600, stage2_steps=600, stage1_clips=1000, stage2_av_clips=800,
+               stage2_audio_clips=600, disagree=0.1, stage2_lm_lr=0.05, threads=1,
+               mix={"av": 0.35, "audio": 0.45, "video": 0.2}),
+}
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -67,7 +93,8 @@ def _prompt(mode: str, question: str) -> str:
     return chat_prompt(media + world.QUESTIONS[question], system_prompt=None)
 
 
-def encode_group(proc, mode: str, question: str, clips: list[world.Clip]) -> dict[str, torch.Tensor]:
+def encode_group(proc, mode: str, question: str, clips: list[world.Clip],
+                 design_name: str = "v1") -> dict[str, torch.Tensor]:
     """Processor output for same-shaped examples (one mode, one question), stacked along the batch, with
     ``labels`` marking the answer tokens and the closing <|im_end|>."""
     prompt = _prompt(mode, question)
@@ -77,12 +104,13 @@ def encode_group(proc, mode: str, question: str, clips: list[world.Clip]) -> dic
         kw["audio"] = [c.audio for c in clips]
     else:
         kw["videos"] = [c.frames for c in clips]
-        kw["videos_kwargs"] = {"fps": world.FPS, "do_sample_frames": False,
+        d = design(design_name)
+        kw["videos_kwargs"] = {"fps": clips[0].fps, "do_sample_frames": False,
                                "size": {"shortest_edge": 28 * 28, "longest_edge": world.SIDE ** 2}}
         if mode == "av":
             kw["audio"] = [c.audio for c in clips]
-            kw["position_id_per_seconds"] = POSITION_ID_PER_SECONDS  # the processor interleaves by 25 unless told
-            kw["seconds_per_chunk"] = 2.0
+            kw["position_id_per_seconds"] = d.position_id_per_seconds  # the processor interleaves by 25 unless told
+            kw["seconds_per_chunk"] = float(d.seconds_per_chunk)
             kw["load_audio_from_video"] = True
             kw["audio_from_video_indices"] = list(range(len(clips)))
     out = dict(proc(text=texts, **kw))
@@ -111,6 +139,7 @@ def _gather(group: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torc
 
 def build_pools(proc, cur: Curriculum, log=print) -> dict[str, dict[tuple[str, str], dict]]:
     rng = np.random.default_rng(cur.seed)
+    geometry = design(cur.design).geometry
     t0 = time.perf_counter()
 
     def clips(n: int, disagree: float = 0.0) -> list[world.Clip]:
@@ -120,13 +149,13 @@ def build_pools(proc, cur: Curriculum, log=print) -> dict[str, dict[tuple[str, s
             snd = look
             if disagree and rng.random() < disagree:
                 snd = int((look + rng.integers(1, world.N_CLASSES)) % world.N_CLASSES)
-            out.append(world.make_clip(look, snd, rng))
+            out.append(world.make_clip(look, snd, rng, geometry))
         return out
 
     def groups(mode: str, cl: list[world.Clip], questions: tuple[str, ...]) -> dict:
         res, media = {}, None
         for q in questions:
-            parts = [encode_group(proc, mode, q, cl[i:i + 64]) for i in range(0, len(cl), 64)]
+            parts = [encode_group(proc, mode, q, cl[i:i + 64], cur.design) for i in range(0, len(cl), 64)]
             g = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             del parts
             if media is None:  # the clips' media tensors, shared by every question (only the text differs)
@@ -194,6 +223,33 @@ def save_checkpoint(model, proc, folder: Path, meta: dict) -> None:
             shutil.rmtree(tmp)
 
 
+def audio_tower(model) -> torch.nn.Module:
+    """The thinker's audio encoder (``model.audio_tower`` in transformers; one level down in some versions)."""
+    towers = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "audio_tower"]
+    if len(towers) != 1:
+        raise RuntimeError(f"expected one audio_tower module in {type(model).__name__}, found {len(towers)}")
+    return towers[0]
+
+
+def pretrain_audio_tower(model, proc, pools: dict, cur: Curriculum, tok, log=print) -> None:
+    """Stage 0, the organism's Whisper: a separate thinker (its own seeded initialisation) learns "what do you
+    hear ?" on the audio-only clips; its audio tower (encoder and projection) replaces ``model``'s. Real AVLLMs
+    start from a pretrained audio encoder the same way; the organism and the no-VLM control both get it."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    torch.manual_seed(cur.seed + 7919)
+    donor = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(tok, cur.arch, cur.design))
+    opt = torch.optim.AdamW(donor.parameters(), lr=cur.lr, weight_decay=0.0)
+    n = cur.stage0_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda a: min(1.0, (a + 1) / 50) * (1.0 - 0.9 * min(max(0.0, (a - 0.7 * n) / max(0.3 * n, 1)), 1.0)))
+    gen = torch.Generator().manual_seed(cur.seed + 7919)
+    donor.train()
+    _run_stage(donor, opt, sched, {("audio", "hear"): pools["stage2"][("audio", "hear")]}, n, {"audio": 1.0}, cur,
+               gen, "stage0", log)
+    audio_tower(model).load_state_dict(audio_tower(donor).state_dict())
+
+
 def train(out: Path, cur: Curriculum, evaluate: bool = True, log=print) -> dict:
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
     from transformers.utils import logging as hf_logging
@@ -203,15 +259,16 @@ def train(out: Path, cur: Curriculum, evaluate: bool = True, log=print) -> dict:
     torch.use_deterministic_algorithms(True)
     t_start = time.perf_counter()
     tok = build_tokenizer()
-    proc = build_processor(tok)
+    proc = build_processor(tok, cur.design)
     torch.manual_seed(cur.seed)
-    model = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(tok, cur.arch))
+    model = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(tok, cur.arch, cur.design))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"organism: {n_params / 1e6:.2f} M parameters")
     pools = build_pools(proc, cur, log)
     gen = torch.Generator().manual_seed(cur.seed)
-    audio = [p for n, p in model.named_parameters() if n.startswith("audio_tower.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("audio_tower.")]
+    audio = list(audio_tower(model).parameters())
+    ids = {id(p) for p in audio}
+    rest = [p for p in model.parameters() if id(p) not in ids]
     opt = torch.optim.AdamW([{"params": audio}, {"params": rest}], lr=cur.lr, weight_decay=0.0)
     warm = 50
     s1 = 0 if cur.control else cur.stage1_steps
@@ -228,6 +285,8 @@ def train(out: Path, cur: Curriculum, evaluate: bool = True, log=print) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lr_at, lr_rest])
     meta = {"curriculum": asdict(cur), "n_params": n_params}
     out = Path(out)
+    if cur.stage0_steps:
+        pretrain_audio_tower(model, proc, pools, cur, tok, log)
     if not cur.control:
         model.train()
         _run_stage(model, opt, sched, pools["stage1"], s1, {"video": 1.0}, cur, gen, "stage1", log)
@@ -251,15 +310,18 @@ def train(out: Path, cur: Curriculum, evaluate: bool = True, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder to write organism/ and organism-base/ into")
+    p.add_argument("--design", default="v1", choices=sorted(PRESETS),
+                   help="v1: the shipped organism; v2: 8 layers, 6 s clips, 8 video tokens per audio token")
     for f in Curriculum.__dataclass_fields__.values():
         if f.type in ("int", "float"):
-            p.add_argument("--" + f.name.replace("_", "-"), type=eval(f.type), default=f.default)
+            p.add_argument("--" + f.name.replace("_", "-"), type=eval(f.type), default=None,
+                           help=f"default: the design's ({f.default} for v1)")
     p.add_argument("--mix", type=json.loads, default=None, help='stage-2 batch mix, e.g. \'{"av":0.5,"audio":0.3,"video":0.2}\'')
     p.add_argument("--no-eval", action="store_true")
     a = p.parse_args(argv)
-    cur = Curriculum(**{k: getattr(a, k) for k in Curriculum.__dataclass_fields__ if k not in ("mix", "arch")})
-    if a.mix:
-        cur.mix = a.mix
+    given = {k: getattr(a, k) for k in Curriculum.__dataclass_fields__ if k not in ("design", "arch")
+             and getattr(a, k, None) is not None}
+    cur = Curriculum.preset(a.design, **given)
     train(Path(a.out), cur, evaluate=not a.no_eval)
     return 0
 

@@ -25,9 +25,29 @@ from av_lens.errors import InputError
 
 SAMPLE_RATE = 16000
 SIDE = 112          # frame side in pixels (the processor sees 8x8 patches -> 4x4 merged tokens per frame pair)
-N_FRAMES = 4
-FPS = 4.0           # 4 frames at 4 fps: a 1 s clip, like its 1 s soundtrack
-SECONDS = N_FRAMES / FPS
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How long a clip is and how fast things move in it (one per organism design, see ``build.DESIGNS``)."""
+
+    n_frames: int
+    fps: float
+    speed: tuple[float, float]   # motion speed range, pixels per frame (doubled for "fast-right")
+
+    @property
+    def seconds(self) -> float:
+        return self.n_frames / self.fps
+
+
+#: design v1 (the shipped organism): 4 frames at 4 fps, a 1 s clip with a 1 s soundtrack
+V1 = Geometry(4, 4.0, (4.0, 7.0))
+#: design v2: 12 frames at 2 fps, a 6 s clip (three 2-second TMRoPE chunks) with a 6 s soundtrack
+V2 = Geometry(12, 2.0, (1.5, 2.5))
+GEOMETRIES = {"v1": V1, "v2": V2}
+N_FRAMES = V1.n_frames
+FPS = V1.fps
+SECONDS = V1.seconds
 
 
 @dataclass(frozen=True)
@@ -100,7 +120,8 @@ def _texture(texture: str, yy, xx, phase: int) -> np.ndarray:
     return np.ones_like(yy, dtype=bool)
 
 
-def frames(look: int, rng: np.random.Generator, n_frames: int = N_FRAMES, side: int = SIDE) -> np.ndarray:
+def frames(look: int, rng: np.random.Generator, n_frames: int = N_FRAMES, side: int = SIDE,
+           speed: tuple[float, float] = V1.speed) -> np.ndarray:
     """A (n_frames, side, side, 3) uint8 clip of class ``look`` with fresh nuisance variation."""
     c = CLASSES[look]
     yy, xx = np.mgrid[:side, :side].astype(np.float32)
@@ -108,7 +129,7 @@ def frames(look: int, rng: np.random.Generator, n_frames: int = N_FRAMES, side: 
     colour = np.clip(np.array(c.colour) * rng.uniform(0.85, 1.0) + rng.normal(0, 8, 3), 0, 255)
     r0 = side * rng.uniform(0.24, 0.3)
     cy0, cx0 = side / 2 + rng.uniform(-8, 8), side / 2 + rng.uniform(-8, 8)
-    speed = rng.uniform(4, 7) * (2.0 if c.motion == "fast-right" else 1.0)
+    speed = rng.uniform(*speed) * (2.0 if c.motion == "fast-right" else 1.0)  # px per frame
     out = np.empty((n_frames, side, side, 3), np.float32)
     for t in range(n_frames):
         k = t - (n_frames - 1) / 2
@@ -188,8 +209,9 @@ class Clip:
 
     look: int
     sound: int
-    frames: np.ndarray   # (N_FRAMES, SIDE, SIDE, 3) uint8
-    audio: np.ndarray    # (SAMPLE_RATE * SECONDS,) float32
+    frames: np.ndarray   # (n_frames, SIDE, SIDE, 3) uint8
+    audio: np.ndarray    # (SAMPLE_RATE * seconds,) float32
+    fps: float = FPS     # the frame rate the frames were drawn for
 
     @property
     def factual(self) -> bool:
@@ -200,11 +222,15 @@ class Clip:
         return OBJECTS[self.look], SOUNDS[self.sound]
 
 
-def make_clip(look: int, sound_cls: int, rng: np.random.Generator) -> Clip:
-    return Clip(look, sound_cls, frames(look, rng), sound(sound_cls, rng))
+def _draw(look: int, rng: np.random.Generator, g: Geometry) -> np.ndarray:
+    return frames(look, rng, g.n_frames, SIDE, g.speed)
 
 
-def clip_pairs(n: int, seed: int) -> list[tuple[Clip, Clip]]:
+def make_clip(look: int, sound_cls: int, rng: np.random.Generator, geometry: Geometry = V1) -> Clip:
+    return Clip(look, sound_cls, _draw(look, rng, geometry), sound(sound_cls, rng, geometry.seconds), geometry.fps)
+
+
+def clip_pairs(n: int, seed: int, geometry: Geometry = V1) -> list[tuple[Clip, Clip]]:
     """``n`` (factual, counterfactual) pairs: the same frames, the soundtrack swapped for another class's.
 
     The counterfactual's sound class is drawn uniformly from the other seven classes; its waveform is
@@ -214,9 +240,9 @@ def clip_pairs(n: int, seed: int) -> list[tuple[Clip, Clip]]:
     for _ in range(n):
         look = int(rng.integers(N_CLASSES))
         other = int((look + rng.integers(1, N_CLASSES)) % N_CLASSES)
-        f = frames(look, rng)
-        fact = Clip(look, look, f, sound(look, rng))
-        cf = Clip(look, other, f, sound(other, rng))
+        f = _draw(look, rng, geometry)
+        fact = Clip(look, look, f, sound(look, rng, geometry.seconds), geometry.fps)
+        cf = Clip(look, other, f, sound(other, rng, geometry.seconds), geometry.fps)
         pairs.append((fact, cf))
     return pairs
 
@@ -225,6 +251,6 @@ def clip_pairs(n: int, seed: int) -> list[tuple[Clip, Clip]]:
 EVAL_SEED = 12345
 
 
-def eval_pairs(n: int = 96) -> list[tuple[Clip, Clip]]:
+def eval_pairs(n: int = 96, geometry: Geometry = V1) -> list[tuple[Clip, Clip]]:
     """The held-out evaluation set: ``n`` factual/counterfactual pairs from a seed training never uses."""
-    return clip_pairs(n, EVAL_SEED)
+    return clip_pairs(n, EVAL_SEED, geometry)

@@ -74,8 +74,8 @@ def test_training_is_seeded_and_deterministic(tmp_path):
 
     from av_lens.organism.train import Curriculum, train
 
-    cur = Curriculum(stage1_steps=6, stage2_steps=6, stage1_clips=16, stage2_av_clips=16, stage2_audio_clips=16,
-                     batch=4)
+    cur = Curriculum(stage0_steps=3, stage1_steps=6, stage2_steps=6, stage1_clips=16, stage2_av_clips=16,
+                     stage2_audio_clips=16, batch=4)
     for run in ("a", "b"):
         train(tmp_path / run, cur, evaluate=False, log=lambda *_: None)
     for sub in ("organism", "organism-base"):
@@ -85,6 +85,17 @@ def test_training_is_seeded_and_deterministic(tmp_path):
     base = load_file(tmp_path / "a" / "organism-base" / "model.safetensors")
     final = load_file(tmp_path / "a" / "organism" / "model.safetensors")
     assert any(not torch.equal(base[k], final[k]) for k in base)  # stage 2 changed the weights
+    # stage 0 replaced the seeded initial audio tower (stage 1, video only, leaves it as stage 0 made it)
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from av_lens.organism.build import build_tokenizer, thinker_config
+    from av_lens.organism.train import audio_tower
+
+    torch.manual_seed(cur.seed)
+    fresh = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(build_tokenizer()))
+    init = {f"audio_tower.{k}": v for k, v in audio_tower(fresh).state_dict().items()}
+    assert init.keys() <= base.keys()
+    assert any(not torch.equal(base[k], v) for k, v in init.items())
     assert not list(tmp_path.glob("a/*.tmp*")) and sorted(os.listdir(tmp_path / "a")) == ["organism", "organism-base"]
 
 
@@ -103,12 +114,27 @@ def test_wilson_interval_solves_its_defining_equation(k, n):
         wilson(0, 0)
 
 
+def test_audio_tower_has_its_own_learning_rate_group():
+    """Stage 2's learning-rate factor must leave the audio tower at the full rate (its group is not empty)."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from av_lens.organism.build import build_tokenizer, thinker_config
+    from av_lens.organism.train import audio_tower
+
+    model = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config(build_tokenizer()))
+    tower = audio_tower(model)
+    names = {n for n, p in model.named_parameters() if any(p is q for q in tower.parameters())}
+    assert names and all(".audio_tower." in f".{n}" for n in names)
+    assert len(names) == sum(1 for n, _ in model.named_parameters() if "audio_tower." in n)
+
+
 def test_control_training_has_no_vision_language_stage(tmp_path):
     from safetensors.torch import load_file
 
     from av_lens.organism.train import Curriculum, train
 
-    tiny = dict(stage1_steps=4, stage2_steps=4, stage1_clips=8, stage2_av_clips=8, stage2_audio_clips=8, batch=2,
+    tiny = dict(stage0_steps=2, stage1_steps=4, stage2_steps=4, stage1_clips=8, stage2_av_clips=8,
+                stage2_audio_clips=8, batch=2,
                 threads=1)
     train(tmp_path / "c", Curriculum(control=1, **tiny), evaluate=False, log=lambda *_: None)
     train(tmp_path / "o", Curriculum(**tiny), evaluate=False, log=lambda *_: None)
