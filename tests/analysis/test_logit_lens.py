@@ -33,7 +33,15 @@ def test_topk_and_ranks_match_brute_force(model, media, apply_ln):
     assert torch.equal(res.top_ids, i)
     pt = probs[..., targets]
     ranks = (probs[..., None, :] > pt[..., None]).sum(-1) + 1
-    assert torch.equal(res.target_rank, ranks)
+    # the lens and the brute force compute the probabilities in different orders: a token within float
+    # error of the target's probability may fall on either side, so the rank must lie between the counts
+    # of tokens surely above it and of tokens possibly above it (equal to the exact count off ties)
+    eps = 1e-6
+    lo = (probs[..., None, :] > pt[..., None] + eps).sum(-1) + 1
+    hi = (probs[..., None, :] > pt[..., None] - eps).sum(-1)
+    hi = torch.maximum(hi, lo)
+    assert ((res.target_rank >= lo) & (res.target_rank <= hi)).all()
+    assert (res.target_rank == ranks).float().mean() >= 0.99
     torch.testing.assert_close(res.target_prob, pt, atol=1e-6, rtol=1e-5)
     # a target whose brute-force rank is <= k is a hit, and only those
     assert torch.equal(res.hits(3), (ranks <= 3).any(-1))
