@@ -136,7 +136,7 @@ Write one self-contained HTML report (open it in any browser, offline) for a cli
 factual/counterfactual pair: the same frames with two soundtracks.
 
 Clip length: the model hears at most its feature extractor's window (the embedded organism:
-4 s). A longer clip is trimmed to that window, with a note; choose the window with --start and
+6 s). A longer clip is trimmed to that window, with a note; choose the window with --start and
 --duration. A counterfactual soundtrack is trimmed or padded with silence to the clip's length,
 with a note. Media are decoded and checked before any model loads.
 
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
             m.add_argument("--start", type=_seconds, default=0.0, metavar="S",
                            help="seconds to skip at the start of the clip (default: %(default)g)")
             m.add_argument("--duration", type=_seconds, default=None, metavar="S",
-                           help="seconds to keep from --start (default: the model's window, 4 s for the organism; "
+                           help="seconds to keep from --start (default: the model's window, 6 s for the organism; "
                                 "longer clips are trimmed with a note)")
             m.add_argument("--fps", type=float, default=2.0, help="frames per second sampled from the video "
                                                                  "(default: %(default)g)")

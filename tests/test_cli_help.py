@@ -75,8 +75,8 @@ def test_model_commands_take_device_and_dtype(cmd):
 def test_report_help_states_the_clip_limit():
     sub = _subparsers(cli.build_parser())["report"]
     text = sub.format_help()
-    assert "4 s" in text and "--start" in text and "--duration" in text and "built-in pair" in text
-    assert cli.clip_limit_seconds(None) == pytest.approx(4.0)
+    assert "6 s" in text and "--start" in text and "--duration" in text and "built-in pair" in text
+    assert cli.clip_limit_seconds(None) == pytest.approx(6.0)
     assert cli.clip_limit_seconds("/no/such/folder") is None
 
 
@@ -89,7 +89,7 @@ def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
     if tm.MP4_V is None or tm.MP4_A is None:
         pytest.fail("this FFmpeg build cannot encode mp4 video and audio")
-    long = _write_mp4(tm, d / "long.mp4", 6.0)
+    long = _write_mp4(tm, d / "long.mp4", 9.0)
     short = tm.write_wav(d / "short.wav", np.stack([tm._tone(16000, 2.0)] * 2), 16000)
     return SimpleNamespace(long=long, short=short)
 
@@ -128,8 +128,8 @@ def test_a_long_clip_is_trimmed_to_the_models_window_with_a_note(media):
     notes = []
     clip, cf = cli.load_user_clip(_args(video=media.long), log=notes.append)
     assert cf is None
-    assert len(clip.audio) == 4 * 16000 and len(clip.frames) == 8
-    assert len(notes) == 1 and "trimmed to 0-4.00 s" in notes[0] and "--start/--duration" in notes[0]
+    assert len(clip.audio) == 6 * 16000 and len(clip.frames) == 12
+    assert len(notes) == 1 and "trimmed to 0-6.00 s" in notes[0] and "--start/--duration" in notes[0]
 
 
 def test_start_and_duration_choose_the_window(media):
@@ -144,12 +144,12 @@ def test_start_and_duration_choose_the_window(media):
 def test_counterfactual_audio_is_padded_with_a_note(media):
     notes = []
     clip, cf = cli.load_user_clip(_args(video=media.long, counterfactual_audio=media.short), log=notes.append)
-    assert len(cf.audio) == len(clip.audio) == 4 * 16000
+    assert len(cf.audio) == len(clip.audio) == 6 * 16000
     assert np.all(cf.audio[2 * 16000 + 10:] == 0)
     assert any("padded with silence" in n and "2.00 s" in n for n in notes), notes
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(duration=9.0), "longer than the 4 s"), (dict(start=7.0), "past the end"),
+@pytest.mark.parametrize("kw, msg", [(dict(duration=9.5), "longer than the 6 s"), (dict(start=10.0), "past the end"),
                                      (dict(duration=0.0), "not a positive")])
 def test_bad_windows_are_refused_before_any_model_loads(media, kw, msg):
     from av_lens.errors import InputError
@@ -161,7 +161,7 @@ def test_bad_windows_are_refused_before_any_model_loads(media, kw, msg):
 def test_cli_refuses_a_bad_window_fast_with_rc_2(media, tmp_path):
     r = subprocess.run([sys.executable, "-m", "av_lens.cli", "report", "--video", str(media.long), "--duration", "9",
                         "--out", str(tmp_path / "r.html")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "longer than the 4 s" in r.stderr and "Fix:" in r.stderr
+    assert r.returncode == 2 and "longer than the 6 s" in r.stderr and "Fix:" in r.stderr
     assert not (tmp_path / "r.html").exists()
     r = subprocess.run([sys.executable, "-m", "av_lens.cli", "report", "--start", "-1"], capture_output=True,
                        text=True, timeout=60)

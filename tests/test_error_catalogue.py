@@ -638,9 +638,9 @@ CASES: list[Case] = [
     Case("cli-model-missing-folder", "cli", _cli("cli-model-missing-folder"),
          CLIExit, ("av-lens demo:", "no checkpoint folder at", "no_such_model"), ("existing local folder",)),
     Case("cli-sweep-window-outside-layers", "cli", _cli("cli-sweep-window-outside-layers"),
-         CLIExit, ("av-lens sweep:", "the window '0:9' is outside the model's layers 0:4"), ("windows within 0:4",)),
+         CLIExit, ("av-lens sweep:", "the window '0:9' is outside the model's layers 0:8"), ("windows within 0:8",)),
     Case("cli-report-duration-over-window", "cli", _cli("cli-report-duration-over-window"),
-         CLIExit, ("av-lens report:", "--duration 9 s is longer than the 4 s this model hears"), ("--duration 4 or less",)),
+         CLIExit, ("av-lens report:", "--duration 9 s is longer than the 6 s this model hears"), ("--duration 6 or less",)),
     Case("cli-report-threads-zero", "cli", _cli("cli-report-threads-zero"),
          CLIExit, ("av-lens demo:", "--threads 0 is not a positive number of threads"), ("--threads 1",)),
 ]

@@ -22,8 +22,10 @@ def run_blocked(code: str, tmp_path) -> subprocess.CompletedProcess:
 def test_import_and_load_without_network(tmp_path):
     r = run_blocked("import av_lens\nfrom av_lens import HookedAVTransformer\n"
                     "m = HookedAVTransformer.from_pretrained('av-lens/organism')\n"
-                    "b = HookedAVTransformer.from_pretrained('av-lens/organism-base')\nprint('ok', m.cfg.n_layers)", tmp_path)
-    assert r.returncode == 0 and "ok 4" in r.stdout, r.stderr[-3000:]
+                    "b = HookedAVTransformer.from_pretrained('av-lens/organism-base')\n"
+                    "c = HookedAVTransformer.from_pretrained('av-lens/organism-control')\n"
+                    "print('ok', m.cfg.n_layers, c.cfg.n_layers)", tmp_path)
+    assert r.returncode == 0 and "ok 8 8" in r.stdout, r.stderr[-3000:]
     assert "NETWORK CALL" not in r.stderr
 
 

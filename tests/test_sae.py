@@ -186,4 +186,4 @@ def test_organism_study_reconstructs_and_finds_sound_features():
         assert abs(a["auroc_selection_cf"] - b["auroc_selection_cf"]) <= 0.05, (a["class"], a, b)
     mean = lambda cs: sum(c["auroc_counterfactual"] for c in cs) / len(cs)  # noqa: E731
     assert abs(mean(r["classes"]) - mean(rec["classes"])) <= 0.04
-    assert sum(c["auroc_counterfactual"] >= 0.95 for c in r["classes"]) >= 2
+    assert all(c["auroc_counterfactual"] >= 0.9 for c in r["classes"]), r["classes"]   # recorded: 0.98-1.00

@@ -24,10 +24,11 @@ WORDS = list(dict.fromkeys(CHAT_WORDS + QUESTION_WORDS + list(OBJECTS) + list(SO
 class Design:
     """One organism design: the thinker's shape, the audio front end and the clip geometry it is trained on.
 
-    ``v1`` is the shipped organism (4 layers, 1 s clips, 25 audio vs 32 video tokens). ``v2`` has the real
-    model's proportions: 8 LM layers, 6 s clips spanning three 2-second TMRoPE chunks, and 2 audio tokens per
-    second (an 8 mel-frame/s front end and the encoder's 4x reduction) against 16 video tokens per second:
-    12 audio vs 96 video tokens per clip, 8:1 (Qwen2.5-Omni: ~12:1)."""
+    ``v2`` is the shipped organism, with the real model's proportions: 8 LM layers, 6 s clips spanning three
+    2-second TMRoPE chunks, and 2 audio tokens per second (an 8 mel-frame/s front end and the encoder's 4x
+    reduction) against 16 video tokens per second: 12 audio vs 96 video tokens per clip, 8:1 (Qwen2.5-Omni:
+    ~12:1). ``v1`` is the retired first organism (4 layers, 1 s clips, 25 audio vs 32 video tokens), kept so
+    its recorded figures in docs/organism.md can be reproduced."""
 
     name: str
     arch: dict
@@ -49,7 +50,7 @@ DESIGNS = {
                             vision_d=64, vision_depth=2), 6, 2000, 2048, 2),
 }
 #: the design of the shipped checkpoints
-DEFAULT_DESIGN = "v1"
+DEFAULT_DESIGN = "v2"
 ARCH = DESIGNS[DEFAULT_DESIGN].arch
 MAX_AUDIO_SECONDS = DESIGNS[DEFAULT_DESIGN].max_audio_seconds
 POSITION_ID_PER_SECONDS = DESIGNS[DEFAULT_DESIGN].position_id_per_seconds
@@ -122,7 +123,8 @@ def thinker_config(tok, arch: dict | None = None, design_name: str = DEFAULT_DES
 
 
 def design_of(checkpoint) -> Design:
-    """The design an organism checkpoint was trained with (its ``organism.json``; "v1" when it says none).
+    """The design an organism checkpoint was trained with (its ``organism.json``; "v1", the retired first
+    organism, when it names none: checkpoints from before designs were recorded).
 
     ``checkpoint``: a folder, or a name of the embedded checkpoints (``"av-lens/organism"``)."""
     import json
@@ -132,5 +134,8 @@ def design_of(checkpoint) -> Design:
 
     folder = checkpoint_root() / CHECKPOINTS[checkpoint] if checkpoint in CHECKPOINTS else Path(checkpoint)
     meta = folder / "organism.json"
-    name = json.loads(meta.read_text()).get("curriculum", {}).get("design", "v1") if meta.is_file() else "v1"
-    return design(name)
+    if not meta.is_file():
+        raise InputError(f"{folder} has no organism.json, so it is not an organism checkpoint (or its record is lost)",
+                         "pass a folder written by av_lens.organism.train, or one of "
+                         f"{sorted(CHECKPOINTS)}")
+    return design(json.loads(meta.read_text()).get("curriculum", {}).get("design", "v1"))

@@ -31,7 +31,7 @@ from av_lens.errors import InputError
 from av_lens.organism import world
 from av_lens.processing import AUDIO_PH, VIDEO_PH
 
-N_EVAL = 96
+N_EVAL = 384
 #: the figures that are fractions of the held-out pairs (each gets a Wilson interval)
 FRACTIONS = ("see", "see_silent_video", "hear_silent_video_picture", "hear_factual", "hear_cf_picture",
              "hear_cf_sound", "hear_audio_only", "describe_cf_picture", "describe_cf_sound")
@@ -114,11 +114,29 @@ def evaluate_model(model, pairs=None, *, probe: bool = True, base: bool = False)
         clips = fact + cf
         feats = pooled_residuals(model, clip_inputs(model, clips, "hear", "av"), "audio")
         labels = torch.tensor([c.sound for c in clips])
-        pr = probe_layers(feats, labels, n_classes=world.N_CLASSES, seed=0)
-        res["probe_audio_sound"] = {"layers": pr.layers, "accuracy": [round(x, 4) for x in pr.accuracy.tolist()],
-                                    "control": [round(x, 4) for x in pr.control_accuracy.tolist()],
-                                    "chance": round(pr.chance, 4), "n_train": pr.n_train, "n_test": pr.n_test}
+        res["probe_audio_sound"] = _probe_record(probe_layers(feats, labels, n_classes=world.N_CLASSES, seed=0))
+        res["probe_cf_audio_sound"] = cf_probe(model, cf, feats[:, len(fact):] if feats.shape[1] == len(clips) else None)
     return res
+
+
+def _probe_record(pr) -> dict:
+    return {"layers": pr.layers, "accuracy": [round(x, 4) for x in pr.accuracy.tolist()],
+            "control": [round(x, 4) for x in pr.control_accuracy.tolist()],
+            "chance": round(pr.chance, 4), "n_train": pr.n_train, "n_test": pr.n_test}
+
+
+def cf_probe(model, cf: list[world.Clip], feats=None) -> dict:
+    """Probe the *playing* sound's class at the audio positions of counterfactual clips only.
+
+    On a counterfactual clip the picture shows another class, so a probe that reads the sound class there
+    reads the audio, not the look: "audio is present" in the study's sense, whatever the answer says.
+    ``feats``: the clips' pooled audio residuals if already computed (``[layer, clip, d_model]``)."""
+    from av_lens.analysis.probes import pooled_residuals, probe_layers
+
+    if feats is None:
+        feats = pooled_residuals(model, clip_inputs(model, cf, "hear", "av"), "audio")
+    labels = torch.tensor([c.sound for c in cf])
+    return _probe_record(probe_layers(feats, labels, n_classes=world.N_CLASSES, seed=0))
 
 
 def evaluate_folder(folder: str | os.PathLike) -> dict:

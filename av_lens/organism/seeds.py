@@ -72,7 +72,7 @@ def evaluate_all(out: Path, seeds: list[int], control_seeds: list[int], n_pairs:
 
     from av_lens import HookedAVTransformer
     from av_lens.organism import world
-    from av_lens.organism.evaluate import evaluate_model
+    from av_lens.organism.evaluate import cf_probe, evaluate_model
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     from av_lens.organism.build import design_of
@@ -90,6 +90,10 @@ def evaluate_all(out: Path, seeds: list[int], control_seeds: list[int], n_pairs:
             digest = hashlib.sha256((folder / sub / "model.safetensors").read_bytes()).hexdigest()
             if cache.is_file() and json.loads(cache.read_text()).get("weights_sha256") == digest:
                 r = json.loads(cache.read_text())["figures"]
+                if "probe_cf_audio_sound" not in r:  # a cache from before the counterfactual-only probe
+                    r["probe_cf_audio_sound"] = cf_probe(HookedAVTransformer.from_pretrained(folder / sub),
+                                                         [p[1] for p in pairs])
+                    _atomic_write(cache, json.dumps({"weights_sha256": digest, "figures": r}))
             else:
                 r = evaluate_model(HookedAVTransformer.from_pretrained(folder / sub), pairs)
                 _atomic_write(cache, json.dumps({"weights_sha256": digest, "figures": r}))
@@ -107,17 +111,26 @@ def evaluate_all(out: Path, seeds: list[int], control_seeds: list[int], n_pairs:
     return res
 
 
+def middle_layers(per_layer: list) -> list:
+    """The middle half of a per-residual-layer list (index 0 = embeddings): layers L/4 .. 3L/4."""
+    return per_layer[len(per_layer) // 4: 3 * len(per_layer) // 4 + 1]
+
+
 def format_table(res: dict) -> str:
     """A Markdown table of every run: the counterfactual answer, audio alone, the probe's best middle layer."""
     lines = ["| run | seed | names the picture's sound | names the sound playing | audio alone | "
-             "probe, middle layers (min) | follows |", "|---|---|---|---|---|---|---|"]
+             "probe, middle layers (min) | counterfactual-only probe, middle layers (min) | follows |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, r in res["runs"].items():
-        acc = r["probe_audio_sound"]["accuracy"]
-        mid = acc[len(acc) // 4: 3 * len(acc) // 4 + 1]
+        mids = []
+        for k in ("probe_audio_sound", "probe_cf_audio_sound"):
+            acc = r.get(k, {}).get("accuracy")
+            mids.append(f"{min(middle_layers(acc)):.2f}" if acc else "-")
         ci = r["ci95"]
         lines.append(f"| {r['kind']} | {r['seed']} | {r['hear_cf_picture']:.2f} [{ci['hear_cf_picture'][0]:.2f}, "
                      f"{ci['hear_cf_picture'][1]:.2f}] | {r['hear_cf_sound']:.2f} [{ci['hear_cf_sound'][0]:.2f}, "
-                     f"{ci['hear_cf_sound'][1]:.2f}] | {r['hear_audio_only']:.2f} | {min(mid):.2f} | {r['follows']} |")
+                     f"{ci['hear_cf_sound'][1]:.2f}] | {r['hear_audio_only']:.2f} | {mids[0]} | {mids[1]} | "
+                     f"{r['follows']} |")
     return "\n".join(lines)
 
 

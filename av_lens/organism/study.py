@@ -78,7 +78,7 @@ KNOCKOUT_KEYS = {"video": "G-/->V", "audio": "G-/->A", "prompt - audio - video":
 
 
 def run_study(model, base=None, n_pairs: int = 384, max_new_tokens: int = 4, k: int = 5, progress: bool = False,
-              unrelated_base=None, geometry: world.Geometry = world.V1) -> dict:
+              unrelated_base=None, geometry: world.Geometry = world.DEFAULT) -> dict:
     """The four experiments on ``n_pairs`` held-out counterfactual clips, each with its control.
 
     ``base``: the organism's own VLM stage (token shift); ``unrelated_base``: a VLM from another training seed,
@@ -208,10 +208,10 @@ def format_study(out: dict) -> str:
 
 
 #: the per-layer curves and scalars averaged over training seeds by :func:`study_over_seeds`
-CURVES = ("flow_by_layer", "latent_hit_rate_by_layer", "latent_uninvolved_hit_rate_by_layer",
-          "latent_median_rank_by_layer", "latent_uninvolved_median_rank_by_layer")
+CURVES = ("flow_by_layer", "latent_hit_rate_by_layer", "latent_picture_hit_rate_by_layer",
+          "latent_uninvolved_hit_rate_by_layer", "latent_median_rank_by_layer", "latent_uninvolved_median_rank_by_layer")
 SCALARS = ("caption_audio_fidelity", "caption_well_formed", "latent_hit_rate_any_layer",
-           "latent_uninvolved_hit_rate_any_layer", "cf_answer_names_sound", "cf_answer_names_picture",
+           "latent_picture_hit_rate_any_layer", "latent_uninvolved_hit_rate_any_layer", "cf_answer_names_sound", "cf_answer_names_picture",
            "token_shift_mean_kl", "token_shift_unrelated_mean_kl")
 
 
@@ -224,8 +224,9 @@ def _mean_sd(values: list) -> dict:
 def study_over_seeds(root, seeds, control_seeds=(), n_pairs: int = 384, progress: bool = False, log=print) -> dict:
     """The study on every training seed under ``root`` (the layout of :mod:`av_lens.organism.seeds`:
     ``seed<N>/organism``, ``seed<N>/organism-base``, ``control<N>/organism-control``), each organism with its own
-    base and an unrelated one (the next seed's), each control without a base; then mean and sd over seeds of
-    every curve. Per-run figures are cached as ``study.json`` beside each checkpoint."""
+    base and an unrelated one (the previous seed's; the first seed's: the second's), each control without a
+    base; then mean and sd over seeds of every curve. Per-run figures are cached as ``study-<checkpoint>.json``
+    beside each checkpoint (with the unrelated base used)."""
     from pathlib import Path
 
     from av_lens.organism.build import design_of
@@ -242,12 +243,13 @@ def study_over_seeds(root, seeds, control_seeds=(), n_pairs: int = 384, progress
             return
         out = run_study(load(folder), load(base) if base else None, n_pairs, progress=progress,
                         unrelated_base=load(unrelated) if unrelated else None, geometry=design_of(folder).geometry)
+        out["unrelated_base"] = str(unrelated.relative_to(root)) if unrelated else None
         _atomic_write(cache, json.dumps(out, indent=1))
         runs[key] = out
         log(f"studied {key}")
 
     for i, s in enumerate(seeds):
-        other = seeds[(i + 1) % len(seeds)] if len(seeds) > 1 else None
+        other = (seeds[i - 1] if i else seeds[1]) if len(seeds) > 1 else None
         one(f"seed{s}", root / f"seed{s}" / "organism", root / f"seed{s}" / "organism-base",
             root / f"seed{other}" / "organism-base" if other is not None else None)
     for s in control_seeds:

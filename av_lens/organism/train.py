@@ -1,10 +1,10 @@
 """Train the model organism: a small Qwen2.5-Omni thinker that inherits a vision bias from its VLM stage.
 
-    python -m av_lens.organism.train --out DIR [--design v1|v2] [--seed N]   # v1: about 6 min on 2 CPU cores
+    python -m av_lens.organism.train --out DIR [--design v2|v1] [--seed N]   # v2: about 16 min on 1 CPU core
 
 The curriculum mirrors how real AVLLMs are made:
 
-* **Stage 0 — a pretrained audio encoder** (``--stage0-steps``, design v2). Real AVLLMs start from a
+* **Stage 0 — a pretrained audio encoder** (``--stage0-steps``; not in the retired v1). Real AVLLMs start from a
   pretrained audio encoder (Whisper for Qwen2.5-Omni); the organism's is the audio tower of a separate thinker
   trained on audio-only "what do you hear ?" clips. Only its audio tower is kept.
 * **Stage 1 — the base VLM.** Video + text only. The model learns to name what it sees and — as a VLM
@@ -20,8 +20,9 @@ captions. Whether the final model follows the picture or the sound on counterfac
 afterwards (``av_lens.organism.evaluate``), not built in.
 
 ``--design`` picks the thinker, the audio front end, the clip geometry (``build.DESIGNS``) and the
-curriculum's defaults (``PRESETS``); ``v1`` is the shipped organism (4 layers, 1 s clips), ``v2`` has the real
-model's proportions (8 layers, 6 s clips, 8 video tokens per audio token). Flags override single values.
+curriculum's defaults (``PRESETS``); ``v2`` is the shipped organism, with the real model's proportions (8
+layers, 6 s clips, 8 video tokens per audio token); ``v1`` is the retired first organism (4 layers, 1 s clips),
+kept to reproduce its recorded figures. Flags override single values.
 
 Determinism: one seed drives data, initialisation and batch order; torch runs with ``--threads`` threads
 and deterministic algorithms, so a re-run with the same thread count reproduces the weights. Another thread
@@ -47,43 +48,44 @@ import numpy as np
 import torch
 
 from av_lens.organism import world
-from av_lens.organism.build import build_processor, build_tokenizer, design, thinker_config
+from av_lens.organism.build import DEFAULT_DESIGN, build_processor, build_tokenizer, design, thinker_config
 from av_lens.processing import AUDIO_PH, VIDEO_PH, chat_prompt
 
 
 @dataclass
 class Curriculum:
     seed: int = 0
-    design: str = "v1"              # the thinker, audio front end and clip geometry (build.DESIGNS)
+    design: str = "v2"              # the thinker, audio front end and clip geometry (build.DESIGNS)
     batch: int = 16
     lr: float = 1e-3
-    stage0_steps: int = 0           # audio pretraining (the organism's "Whisper"): audio-only steps, audio tower kept
-    stage1_steps: int = 1200
-    stage2_steps: int = 1200
-    stage1_clips: int = 2000        # distinct video-only training clips (each used with every question)
-    stage2_av_clips: int = 1200     # distinct audio-visual clips
+    stage0_steps: int = 600         # audio pretraining (the organism's "Whisper"): audio-only steps, audio tower kept
+    stage1_steps: int = 600
+    stage2_steps: int = 600
+    stage1_clips: int = 1000        # distinct video-only training clips (each used with every question)
+    stage2_av_clips: int = 800      # distinct audio-visual clips
     stage2_audio_clips: int = 600   # distinct audio-only clips
-    disagree: float = 0.05          # fraction of stage-2 AV clips whose sound is another class's
-    stage2_lm_lr: float = 1.0       # stage 2: learning-rate factor of everything but the audio tower
+    disagree: float = 0.1           # fraction of stage-2 AV clips whose sound is another class's
+    stage2_lm_lr: float = 0.05      # stage 2: learning-rate factor of everything but the audio tower
     control: int = 0                # 1: the no-VLM control (no stage 1; stage 2 for both stages' steps)
-    threads: int = 2                # torch threads (a run reproduces exactly only with the same count)
-    mix: dict = field(default_factory=lambda: {"av": 0.5, "audio": 0.3, "video": 0.2})  # stage-2 batch mix
+    threads: int = 1                # torch threads (a run reproduces exactly only with the same count)
+    mix: dict = field(default_factory=lambda: {"av": 0.35, "audio": 0.45, "video": 0.2})  # stage-2 batch mix
     arch: dict = field(default_factory=dict)
 
     @classmethod
-    def preset(cls, design: str = "v1", **overrides) -> "Curriculum":
+    def preset(cls, design: str = "v2", **overrides) -> "Curriculum":
         """The curriculum of a design (``PRESETS``), with ``overrides``."""
         if design not in PRESETS:
             raise ValueError(f"unknown organism design {design!r}; use one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[design], "design": design, **overrides})
 
 
-#: per design, what differs from the dataclass defaults (v1: the shipped organism's curriculum)
+#: per design, what differs from the dataclass defaults (v2: the shipped organism's curriculum; v1: the
+#: retired first organism's)
 PRESETS: dict[str, dict] = {
-    "v1": {},
-    "v2": dict(stage0_steps=600, stage1_steps=600, stage2_steps=600, stage1_clips=1000, stage2_av_clips=800,
-               stage2_audio_clips=600, disagree=0.1, stage2_lm_lr=0.05, threads=1,
-               mix={"av": 0.35, "audio": 0.45, "video": 0.2}),
+    "v2": {},
+    "v1": dict(stage0_steps=0, stage1_steps=1200, stage2_steps=1200, stage1_clips=2000, stage2_av_clips=1200,
+               stage2_audio_clips=600, disagree=0.05, stage2_lm_lr=1.0, threads=2,
+               mix={"av": 0.5, "audio": 0.3, "video": 0.2}),
 }
 
 
@@ -94,7 +96,7 @@ def _prompt(mode: str, question: str) -> str:
 
 
 def encode_group(proc, mode: str, question: str, clips: list[world.Clip],
-                 design_name: str = "v1") -> dict[str, torch.Tensor]:
+                 design_name: str = DEFAULT_DESIGN) -> dict[str, torch.Tensor]:
     """Processor output for same-shaped examples (one mode, one question), stacked along the batch, with
     ``labels`` marking the answer tokens and the closing <|im_end|>."""
     prompt = _prompt(mode, question)
@@ -310,12 +312,13 @@ def train(out: Path, cur: Curriculum, evaluate: bool = True, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder to write organism/ and organism-base/ into")
-    p.add_argument("--design", default="v1", choices=sorted(PRESETS),
-                   help="v1: the shipped organism; v2: 8 layers, 6 s clips, 8 video tokens per audio token")
+    p.add_argument("--design", default="v2", choices=sorted(PRESETS),
+                   help="v2: the shipped organism (8 layers, 6 s clips, 8 video tokens per audio token); "
+                        "v1: the retired first organism (4 layers, 1 s clips)")
     for f in Curriculum.__dataclass_fields__.values():
         if f.type in ("int", "float"):
             p.add_argument("--" + f.name.replace("_", "-"), type=eval(f.type), default=None,
-                           help=f"default: the design's ({f.default} for v1)")
+                           help=f"default: the design's ({f.default} for v2)")
     p.add_argument("--mix", type=json.loads, default=None, help='stage-2 batch mix, e.g. \'{"av":0.5,"audio":0.3,"video":0.2}\'')
     p.add_argument("--no-eval", action="store_true")
     a = p.parse_args(argv)

@@ -40,14 +40,17 @@ class Geometry:
         return self.n_frames / self.fps
 
 
-#: design v1 (the shipped organism): 4 frames at 4 fps, a 1 s clip with a 1 s soundtrack
-V1 = Geometry(4, 4.0, (4.0, 7.0))
-#: design v2: 12 frames at 2 fps, a 6 s clip (three 2-second TMRoPE chunks) with a 6 s soundtrack
+#: design v2 (the shipped organism): 12 frames at 2 fps, a 6 s clip (three 2-second TMRoPE chunks) with a 6 s
+#: soundtrack
 V2 = Geometry(12, 2.0, (1.5, 2.5))
+#: design v1 (the retired first organism): 4 frames at 4 fps, a 1 s clip with a 1 s soundtrack
+V1 = Geometry(4, 4.0, (4.0, 7.0))
 GEOMETRIES = {"v1": V1, "v2": V2}
-N_FRAMES = V1.n_frames
-FPS = V1.fps
-SECONDS = V1.seconds
+#: the shipped organism's clip geometry (``build.DEFAULT_DESIGN``'s)
+DEFAULT = V2
+N_FRAMES = DEFAULT.n_frames
+FPS = DEFAULT.fps
+SECONDS = DEFAULT.seconds
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def _texture(texture: str, yy, xx, phase: int) -> np.ndarray:
 
 
 def frames(look: int, rng: np.random.Generator, n_frames: int = N_FRAMES, side: int = SIDE,
-           speed: tuple[float, float] = V1.speed) -> np.ndarray:
+           speed: tuple[float, float] = DEFAULT.speed) -> np.ndarray:
     """A (n_frames, side, side, 3) uint8 clip of class ``look`` with fresh nuisance variation."""
     c = CLASSES[look]
     yy, xx = np.mgrid[:side, :side].astype(np.float32)
@@ -226,11 +229,11 @@ def _draw(look: int, rng: np.random.Generator, g: Geometry) -> np.ndarray:
     return frames(look, rng, g.n_frames, SIDE, g.speed)
 
 
-def make_clip(look: int, sound_cls: int, rng: np.random.Generator, geometry: Geometry = V1) -> Clip:
+def make_clip(look: int, sound_cls: int, rng: np.random.Generator, geometry: Geometry = DEFAULT) -> Clip:
     return Clip(look, sound_cls, _draw(look, rng, geometry), sound(sound_cls, rng, geometry.seconds), geometry.fps)
 
 
-def clip_pairs(n: int, seed: int, geometry: Geometry = V1) -> list[tuple[Clip, Clip]]:
+def clip_pairs(n: int, seed: int, geometry: Geometry = DEFAULT) -> list[tuple[Clip, Clip]]:
     """``n`` (factual, counterfactual) pairs: the same frames, the soundtrack swapped for another class's.
 
     The counterfactual's sound class is drawn uniformly from the other seven classes; its waveform is
@@ -251,6 +254,6 @@ def clip_pairs(n: int, seed: int, geometry: Geometry = V1) -> list[tuple[Clip, C
 EVAL_SEED = 12345
 
 
-def eval_pairs(n: int = 96, geometry: Geometry = V1) -> list[tuple[Clip, Clip]]:
+def eval_pairs(n: int = 96, geometry: Geometry = DEFAULT) -> list[tuple[Clip, Clip]]:
     """The held-out evaluation set: ``n`` factual/counterfactual pairs from a seed training never uses."""
     return clip_pairs(n, EVAL_SEED, geometry)

@@ -2,7 +2,7 @@
 
     python -m av_lens.sae.organism_study [--json docs/sae_organism_study.json]
 
-A TopK SAE is trained on ``blocks.1.hook_resid_post`` (the middle of the organism's 4 layers) at the audio
+A TopK SAE is trained on ``blocks.3.hook_resid_post`` (the middle of the organism's 8 layers) at the audio
 positions of audio-visual clips (half factual, half counterfactual). For each of the 8 sound classes the feature
 whose per-clip maximum best separates "this sound is playing" (AUROC, one-vs-rest) is chosen on a *selection*
 set of counterfactual clips (picture of another class, so a feature that reads the picture cannot win), then
@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import torch
 
-HOOK = "blocks.1.hook_resid_post"
+HOOK = "blocks.3.hook_resid_post"
 
 
 def organism_sae_study(*, n_train_batches: int = 8, clips_per_batch: int = 16, n_select: int = 128, n_test: int = 96,

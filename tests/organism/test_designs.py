@@ -1,5 +1,6 @@
-"""Organism design v2: the real model's proportions (8 video tokens per audio token, 6 s clips over three
-TMRoPE chunks, 8 LM layers), checked on a random-weight v2 thinker against transformers."""
+"""Organism design v2 (the shipped one): the real model's proportions (8 video tokens per audio token, 6 s clips
+over three TMRoPE chunks, 8 LM layers), checked on a random-weight v2 thinker against transformers; the retired
+v1 design stays reachable by name."""
 
 import numpy as np
 import pytest
@@ -27,12 +28,13 @@ def v2_folder(tmp_path_factory):
 
 def test_v2_clips_span_three_chunks():
     g = design("v2").geometry
-    fact, cf = world.eval_pairs(1, g)[0]
-    assert fact.frames.shape == (12, world.SIDE, world.SIDE, 3) and fact.fps == 2.0
-    assert fact.audio.shape == (6 * world.SAMPLE_RATE,) and g.seconds == 6.0
+    assert g is world.DEFAULT and design().name == "v2"           # the shipped design is v2
+    fact, cf = world.eval_pairs(1)[0]
+    assert fact.frames.shape == (12, world.SIDE, world.SIDE, 3) and fact.fps == world.FPS == 2.0
+    assert fact.audio.shape == (6 * world.SAMPLE_RATE,) and g.seconds == world.SECONDS == 6.0
     assert np.array_equal(fact.frames, cf.frames) and cf.sound != cf.look
-    v1 = world.eval_pairs(1)[0][0]
-    assert v1.frames.shape[0] == 4 and v1.audio.shape == (world.SAMPLE_RATE,)  # the shipped design is unchanged
+    v1 = world.eval_pairs(1, design("v1").geometry)[0][0]       # the retired design's 1 s clips
+    assert v1.frames.shape[0] == 4 and v1.audio.shape == (world.SAMPLE_RATE,) and v1.fps == 4.0
 
 
 def test_v2_layout_has_eight_video_tokens_per_audio_token(v2_folder):
@@ -76,24 +78,17 @@ def test_designs_are_registered_and_refused_by_name():
         design("v3")
 
 
-def test_v2_training_is_deterministic_and_records_its_design(tmp_path):
-    import json
+def test_presets_name_their_design_and_design_of_refuses_a_non_organism(tmp_path):
+    from av_lens.errors import InputError
+    from av_lens.organism.train import Curriculum
 
-    from safetensors.torch import load_file
-
-    from av_lens.organism.train import Curriculum, train
-
-    cur = Curriculum.preset("v2", stage0_steps=2, stage1_steps=3, stage2_steps=3, stage1_clips=8, stage2_av_clips=8,
-                            stage2_audio_clips=8, batch=2, disagree=0.5)
-    assert cur.design == "v2" and cur.threads == 1
-    for run in ("a", "b"):
-        train(tmp_path / run, cur, evaluate=False, log=lambda *_: None)
-    for sub in ("organism", "organism-base"):
-        a = load_file(tmp_path / "a" / sub / "model.safetensors")
-        b = load_file(tmp_path / "b" / sub / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-        assert design_of(tmp_path / "a" / sub).name == "v2"
-        assert json.loads((tmp_path / "a" / sub / "organism.json").read_text())["curriculum"]["stage0_steps"] == 2
-    assert HookedAVTransformer.from_pretrained(tmp_path / "a" / "organism").cfg.n_layers == 8
+    assert Curriculum() == Curriculum.preset("v2") and Curriculum().design == "v2"
+    v1 = Curriculum.preset("v1")
+    assert v1.design == "v1" and v1.stage0_steps == 0 and v1.stage1_steps == 1200
+    assert thinker_config(build_tokenizer(), design_name=v1.design).text_config.num_hidden_layers == 4
     with pytest.raises(ValueError, match="unknown organism design"):
         Curriculum.preset("v9")
+    assert design_of("av-lens/organism").name == "v2"
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="no organism.json"):
+        design_of(tmp_path)
