@@ -209,10 +209,11 @@ def format_study(out: dict) -> str:
 
 #: the per-layer curves and scalars averaged over training seeds by :func:`study_over_seeds`
 CURVES = ("flow_by_layer", "latent_hit_rate_by_layer", "latent_picture_hit_rate_by_layer",
-          "latent_uninvolved_hit_rate_by_layer", "latent_median_rank_by_layer", "latent_uninvolved_median_rank_by_layer")
+          "latent_uninvolved_hit_rate_by_layer", "latent_median_rank_by_layer",
+          "latent_uninvolved_median_rank_by_layer")
 SCALARS = ("caption_audio_fidelity", "caption_well_formed", "latent_hit_rate_any_layer",
-           "latent_picture_hit_rate_any_layer", "latent_uninvolved_hit_rate_any_layer", "cf_answer_names_sound", "cf_answer_names_picture",
-           "token_shift_mean_kl", "token_shift_unrelated_mean_kl")
+           "latent_picture_hit_rate_any_layer", "latent_uninvolved_hit_rate_any_layer", "cf_answer_names_sound",
+           "cf_answer_names_picture", "token_shift_mean_kl", "token_shift_unrelated_mean_kl")
 
 
 def _mean_sd(values: list) -> dict:

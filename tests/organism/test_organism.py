@@ -49,22 +49,16 @@ def test_recorded_figures_reproduce(organism, recorded):
     """The headline figures of all three checkpoints, re-evaluated on the same 384 held-out pairs, fall inside
     their recorded Wilson intervals (and within 0.035 of the recorded value: only float reduction order may
     differ between CPUs); the counterfactual-only probe too."""
-    from av_lens.organism.evaluate import N_EVAL, cf_probe, first_answer
+    from av_lens.organism.evaluate import N_EVAL, cf_probe, counterfactual_hearing
 
     pairs = world.eval_pairs(N_EVAL)
     cf = [p[1] for p in pairs]
-    snd = world.SOUNDS
     assert set(recorded) == set(CHECKPOINTS.values())
     for name in CHECKPOINTS.values():
         model = organism if name == "organism" else HookedAVTransformer.from_pretrained(checkpoint_root() / name)
         rec = recorded[name]
         assert rec["n_pairs"] == len(pairs)
-        av = first_answer(model, clip_inputs(model, cf, "hear", "av"))
-        alone = first_answer(model, clip_inputs(model, cf, "hear", "audio"))
-        now = {"hear_cf_picture": sum(a == snd[c.look] for a, c in zip(av, cf)) / len(cf),
-               "hear_cf_sound": sum(a == snd[c.sound] for a, c in zip(av, cf)) / len(cf),
-               "hear_audio_only": sum(a == snd[c.sound] for a, c in zip(alone, cf)) / len(cf)}
-        for key, value in now.items():
+        for key, value in counterfactual_hearing(model, cf).items():
             lo, hi = rec["ci95"][key]
             assert lo <= value <= hi and abs(value - rec[key]) <= 0.035, (name, key, value, rec[key], (lo, hi))
         if name == "organism":
@@ -76,6 +70,8 @@ def test_recorded_behaviour_is_the_studys(recorded):
     """The figures the model card states: sees well, hears factual clips and audio alone, follows the picture on
     counterfactual clips with non-overlapping 95 % intervals, while the playing sound's class is linearly
     decodable at the audio positions of those same clips; the no-VLM control follows the sound."""
+    from av_lens.organism.seeds import middle_layers
+
     org, base, ctl = recorded["organism"], recorded["organism-base"], recorded["organism-control"]
     assert org["n_pairs"] >= 384
     assert org["see"] >= 0.8 and org["hear_factual"] >= 0.8 and org["hear_audio_only"] >= 0.9
@@ -83,8 +79,7 @@ def test_recorded_behaviour_is_the_studys(recorded):
     assert ctl["ci95"]["hear_cf_sound"][0] > ctl["ci95"]["hear_cf_picture"][1]
     for r in (org, ctl):
         probe = r["probe_cf_audio_sound"]
-        acc = probe["accuracy"]
-        assert min(acc[len(acc) // 4: 3 * len(acc) // 4 + 1]) >= 0.9, acc   # the middle layers
+        assert min(middle_layers(probe["accuracy"])) >= 0.9, probe["accuracy"]
         assert max(probe["control"]) <= probe["chance"] + 0.25
     assert base["see_silent_video"] >= 0.8 and base["hear_silent_video_picture"] >= 0.8
 
