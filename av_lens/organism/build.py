@@ -123,8 +123,9 @@ def thinker_config(tok, arch: dict | None = None, design_name: str = DEFAULT_DES
 
 
 def design_of(checkpoint) -> Design:
-    """The design an organism checkpoint was trained with (its ``organism.json``; "v1", the retired first
-    organism, when it names none: checkpoints from before designs were recorded).
+    """The design an organism checkpoint was trained with, read from its ``organism.json`` ("v1", the retired
+    first organism, when the record names no design: checkpoints from before designs were recorded). A folder
+    without ``organism.json`` is refused (InputError): it is not an organism checkpoint.
 
     ``checkpoint``: a folder, or a name of the embedded checkpoints (``"av-lens/organism"``)."""
     import json
