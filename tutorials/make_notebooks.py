@@ -176,11 +176,11 @@ for l in range(cfg.n_layers):
     print(f"{l:5d} " + " ".join(f"{v:17.3f}" for v in row))
 '''),
     md('''
-The audio positions differ by about their own norm at every layer (1.12 after layer 0, 0.94 after layer 7).
+The audio positions differ by about their own norm at every layer (1.28 after layer 0, 1.09 after layer 7).
 The first chunk's video positions stay identical (0.000). Those of the later chunks, which can attend to the
-earlier audio, differ only slightly (0.011 to 0.032, growing with depth): the video stream barely takes the
-sound up. The text positions after the media inherit the difference through attention: 0.13 after layer 0,
-about 0.27 from layer 5 on.
+earlier audio, differ only slightly (0.009 to 0.029, growing with depth): the video stream barely takes the
+sound up. The text positions after the media inherit the difference through attention: 0.08 after layer 0,
+about 0.26 from layer 5 on.
 '''),
     md('''
 ## Hook points
@@ -234,8 +234,8 @@ print(f"the same soundtracks without the picture: the sound playing "
       f"{sum(world.SOUNDS[c.sound] in a.split() for c, a in zip(cfs, alone)) / len(cfs):.2f}")
 '''),
     md('''
-About two answers in three name the sound the picture makes (0.69) and one in three the sound actually
-playing (0.31): the vision bias, on most clips but not all. Without the picture, the same soundtracks are
+About seven answers in ten name the sound the picture makes (0.71) and three in ten the sound actually
+playing (0.29): the vision bias, on most clips but not all. Without the picture, the same soundtracks are
 named correctly (last line): the sound is heard, and the picture overrides it. (The organism's no-VLM control,
 `av-lens/organism-control`, trained on the same audio-visual data without the vision-first stage, follows
 the sound; notebook 5 compares the organism with its VLM stage, `av-lens/organism-base`.)
@@ -312,9 +312,9 @@ print(res.table())
 """),
     md("""
 The organism does **not** reproduce the study's attention pattern: its generated tokens give most of their
-attention to the video in *every* layer (0.54 to 0.82 of the mass) and 0.10 to 0.17 to the audio, with no early
+attention to the video in *every* layer (0.56 to 0.83 of the mass) and 0.09 to 0.17 to the audio, with no early
 layers where the audio dominates. What changes with depth is the text's share, which grows in the last layers
-(0.35 in layer 7).
+(0.34 in layer 7).
 
 A share of attention mass favours groups with many tokens — here 96 video tokens against 12 audio ones.
 `per_token=True` divides each group's mass by the number of its keys the query can see — the mean attention *per
@@ -340,8 +340,8 @@ for group in ("audio", "video"):
         print(f"L{l:<4d} " + " ".join(f"{v:8.3f}" for v in m[i].tolist()))
 """),
     md("""
-Heads differ within a layer, most in the deep layers: in layer 7 head 2 gives 0.23 of its attention to the
-audio while heads 0 and 1 give about 0.04; in layer 4 the heads' video shares range from 0.45 to 0.79.
+Heads differ within a layer, most in the deep layers: in layer 7 head 2 gives 0.21 of its attention to the
+audio while heads 0 and 1 give about 0.04; in layer 4 the heads' video shares range from 0.46 to 0.79.
 
 ## Logit lens at the audio positions
 
@@ -369,10 +369,11 @@ for i, l in enumerate(lens.layers):
     print(f"{l:5d} {int(ranks[:, c.sound].min()):8d} {int(ranks[:, c.look].min()):8d}   {top}")
 """),
     md("""
-On this clip (a phone with a piano's chord) the lens barely sees the sound playing in the first layers: "chord"
-ranks 40 to 43 of the 53 words up to layer 3, 24 at layer 4 and 8 in layers 5 and 6 (13 at layer 7), while the
-picture's sound ("buzz") climbs earlier, to rank 12 at layer 3 and 5 or 6 from layer 4 on. Where the chord ranks
-best, the top of the lens is "and" in layers 0 to 6 and "neigh" at layer 7.
+On this clip (a phone with a piano's chord) the lens sees the sound playing at every layer: at its best audio
+position "chord" ranks first or second from the embeddings on, though with little probability (0.04 to 0.07 up
+to layer 4, 0.21 and 0.24 in layers 5 and 6). The picture's sound ("buzz") ranks 40 to 42 of the 53 words up to
+layer 2 and climbs to 4–7 from layer 4 on. Where the chord ranks best, it tops the lens itself except in layers
+0, 4 and 7 ("i", "and", and at layer 7 "neigh" with 0.44).
 
 ## Latent hit vs the answer
 
@@ -409,12 +410,13 @@ print(f"\\n'what do you hear?' names the sound playing for {said_sound:.2f} of t
       f"the picture's sound for {said_picture:.2f}")
 """),
     md("""
-Only partly as in the study. The sound playing enters the lens's top 5 at the audio positions only in the last
-layers (0.25 of the clips at layer 5, 0.54 at layer 7; 0.08, as at the embeddings, before), for 0.54 of the
-clips at some layer — a little more than the 0.42 whose answer names it, a much smaller gap than the study's.
-What the lens reads most at the audio positions is the picture's sound: above its chance level (0.38) from layer
-1 on, 0.92 at layer 6, 0.96 at some layer — the picture leaks into the audio positions more visibly than the
-soundtrack does. The lens reads only the unembedding directions; notebook 5's linear probes find the playing
+Only partly as in the study. The sound playing is in the lens's top 5 at the audio positions at about the
+embeddings' level (0.21; 0.12 in layers 1 and 2) up to layer 3, then rises in the last layers (0.46 at layer 5,
+0.62 at layers 6 and 7), for 0.71 of the clips at some layer — well above the 0.38 whose answer names it, a gap
+like the study's. But what the lens reads most at the audio positions is the picture's sound: above its
+embedding level (0.42) from layer 1 on, 0.83 at layer 6, 0.88 at some layer — the picture leaks into the audio
+positions more visibly than the soundtrack does (over 384 clips and five seeds, docs/organism.md finds the
+playing sound no more often than an uninvolved one). The lens reads only the unembedding directions; notebook 5's linear probes find the playing
 sound's class at the audio positions in every layer. Notebook 3 tests causally what the picture does, by cutting
 the generated tokens' access to the video.
 
@@ -495,7 +497,7 @@ for c, a, b in list(zip(clips, plain.text, no_video.text))[:8]:
 print(f"\\naudio fidelity: {audio_fidelity(plain):.3f} -> {audio_fidelity(no_video):.3f} with the knockout")
 """),
     md("""
-Blocking the video in the deep layers raises fidelity by only two clips of 24 (0.333 → 0.417), and several
+Blocking the video in the deep layers raises fidelity by only one clip of 24 (0.250 → 0.292), and most
 captions run on past their end ("bell and ring and"): in these layers the video edges matter more to ending
 the caption than to choosing its sound.
 
@@ -524,11 +526,11 @@ for sweeps in (single, onward):
 """),
     md("""
 One clip is 0.042 of fidelity here (24 clips). Blocking the picture in any single layer moves fidelity by
-at most two clips (0.292 to 0.417); blocking the sound in one of layers 2–5 lowers it more (to 0.167 at layer
-2). Windows that run to the last layer show where the picture wins. G↛V from layer 1 or 2 on doubles fidelity
-(0.333 → 0.667); starting at layer 3 instead keeps little of that gain (0.458), the deep half 4–7 adds two
-clips (0.417, as above), 6–7 nothing. Blocking the video in *all* layers (0–7) gives less than starting at
-layer 1 (0.458). G↛A from layer 0 or 1 on removes the sound from every caption (0.000). So the organism shows
+at most one clip (0.250 to 0.292); blocking the sound in layer 2 or 3 lowers it by two (to 0.167). Windows that
+run to the last layer show where the picture wins. G↛V from layer 1 or 2 on more than doubles fidelity
+(0.250 → 0.583); starting at layer 3 instead keeps little of that gain (0.292, the same as the deep half 4–7
+above), 5–7 nothing. Blocking the video in *all* layers (0–7) gives less than starting at layer 1 (0.375).
+G↛A from layer 0, 1 or 2 on removes the sound from every caption (0.000). So the organism shows
 the study's G↛V / G↛A asymmetry, but the video edges that matter are those of layers 1 and 2, not of the deep
 layers.
 
@@ -557,8 +559,8 @@ print(sweep.table())
 """),
     md("""
 The answer position reads the picture in the first layers. Cut from the video in every layer, the answer
-names the sound playing for every clip (1.00, against 0.42 without knockout); from layer 1 on for 0.875, from
-layer 2 on for 0.708; from layer 4 on the gain is one clip (0.458), from layer 5 on nothing. In this organism
+names the sound playing for every clip (1.00, against 0.375 without knockout); from layer 1 on for 0.79, from
+layer 2 on for 0.625; from layer 3 or 4 on the gain is one clip (0.417), from layer 5 on nothing. In this organism
 vision wins early: the deep layers' video edges to the answer position change almost nothing.
 
 ## Views
@@ -641,7 +643,7 @@ with torch.no_grad():
 """),
     md("""
 The clean metric is negative: even when B is playing, the answer position prefers A's word on average — the
-vision bias. B's soundtrack still moves the metric by about 4.5 logits, and that difference is what we trace.
+vision bias. B's soundtrack still moves the metric by about 3.9 logits, and that difference is what we trace.
 """),
     md("""
 ## Patching by modality
@@ -666,10 +668,10 @@ for i, l in enumerate(patch.layers):
     md("""
 Reading the table: at layer 0 the audio positions hold everything (the soundtrack is the only difference).
 Layer by layer it moves into the text positions — the question and the answer position: patching the text
-positions' residual recovers 0.29 at layer 2, 0.73 at layer 4, 0.96 at layer 7, while the audio positions'
+positions' residual recovers 0.31 at layer 2, 0.71 at layer 4, 0.96 at layer 7, while the audio positions'
 share falls to 0.01. The move is gradual over all eight layers, through attention at the text positions
-(`attn_out`: 0.15 at layer 0, 0.04 to 0.13 in layers 1–5) and, in layers 5–7, their MLPs (`mlp_out` 0.15 to
-0.21). The video positions carry none of it: the second and third chunks' video tokens come after earlier
+(`attn_out`: 0.14 at layer 0, 0.03 to 0.10 in layers 1–5) and, in layers 5–7, their MLPs (`mlp_out` 0.15 to
+0.19). The video positions carry none of it: the second and third chunks' video tokens come after earlier
 audio and could attend to it, but their residuals barely change (notebook 1) and patching them recovers
 nothing.
 
@@ -698,7 +700,7 @@ for l in range(cfg.n_layers):
     md("""
 The direct video → answer edges carry none of the sound (the video activations are almost the same in both
 runs; only the answer's attention to them changes). The direct audio → answer edges carry a small part, most
-in layer 0 (0.13) and 0.05 to 0.07 in layers 1–2, spread over several heads; most of the sound reaches the
+in layer 0 (0.13) and about 0.05 in layers 1–2, spread over several heads; most of the sound reaches the
 answer through the text positions before it, as the table above shows.
 
 ## Head effect tables: who reads audio, who reads video?
@@ -726,8 +728,8 @@ print(f"\\nstrongest head carrying the picture against the sound: layer {layer},
     md("""
 The heads whose audio reads carry the sound are mostly in layers 0–2 (the largest: layer 0, heads 1 and 2). The
 heads whose video reads work against it are early too — layer 0 head 0 and layer 2 heads 2 and 3 — with a
-smaller one in the last layer (layer 7 head 3); layer 0 head 1's video reads work *for* the sound (−0.272).
-Every single-head effect is small next to the 4.5-logit gap: no head, and no deep "fusion" layer, stands out as
+smaller one in the last layer (layer 7 head 3); layer 0 head 1's video reads work *for* the sound (−0.220).
+Every single-head effect is small next to the 3.9-logit gap: no head, and no deep "fusion" layer, stands out as
 where the picture beats the sound.
 
 `head_ablation_hooks(model, [(layer, head)], keys="video", query="generated")` gives the same ablation as
@@ -818,10 +820,11 @@ for c, r in [(c, r) for c, r in zip(clips, results) if int(r.ranks.max()) > 1][:
     print(f"  {c.names[0] + ' + ' + c.names[1]:16s} {' '.join(s.strip() for s in r.strings):28s} {r.ranks.tolist()}")
 """),
     md("""
-Of the 24 sound words, 0.625 are ones the base would have said too and 0.75 are within its top 3 — close to
+Of the 24 sound words, 0.625 are ones the base would have said too and 0.79 are within its top 3 — close to
 the study's figures. The split is sharp: the 15 that name the picture's sound are all unshifted — the base
-says the same from the look — and none of the 8 that name the sound playing is: those are what the audio
-tuning added ("phone and chord", "bird and ring" above, where the base ranks the sound word 4 and 8).
+says the same from the look — and none of the 6 that name the sound playing is: those are what the audio
+tuning added ("phone and chord" and, for a bird with a horse's sound, "phone and neigh" above, where the base
+ranks the sound word 4). The other 3 name neither sound.
 """),
     md("""
 ## Is the audio there? Linear probes by layer
@@ -985,11 +988,11 @@ for layers in ([], [0], [0, 1, 2, 3], [4, 5, 6, 7], list(range(8))):
     print(f"{str(layers) if layers else 'none':>30} {str(ans):>26} {cap:17.3f}")
 """),
     md("""
-Removing what is specific to the picture from the video's values in the early layers 0–3 moves the one-word
-answers towards the sound playing (0.417 → 0.583) and almost stops them naming the picture's sound (0.083);
-doing it in the deep layers 4–7 leaves the answers unchanged. Layer 0 alone takes answers away from the
-picture's sound (0.333) without giving them to the sound playing. Captions move less: at most two more of the
-24 name the sound playing (0.417, all layers ablated). As notebook 3's knockouts found, the picture's
+Removing what is specific to the picture from the video's values in the early layers 0–3 almost stops the
+one-word answers naming the picture's sound (0.625 → 0.167) but moves only one of them to the sound playing
+(0.375 → 0.417): most of the freed answers name neither sound. Doing it in the deep layers 4–7 leaves the
+answers unchanged. Layer 0 alone takes answers away from the picture's sound (0.458) without giving them to the
+sound playing. Captions move less: at most one more of the 24 names the sound playing (0.292, layers 0–3). As notebook 3's knockouts found, the picture's
 specifics reach the answer in the early layers, not the deep ones.
 """),
     md("""
@@ -1030,9 +1033,9 @@ for name, extra in (("plain", []), ("G-/->V in layers 4-7", knockout),
 """),
     md("""
 Read the outputs, not only the metric. The attention line confirms the knockout (no attention to the video in
-layers 4–7) and shows that the mean-ablation keeps the attention pattern (0.69 to 0.81 on the video in layers
+layers 4–7) and shows that the mean-ablation keeps the attention pattern (0.70 to 0.83 on the video in layers
 0–3, as before). The knockout alone makes some captions run on ("bell and ring and"). With the mean-ablation
-added, fidelity is the highest of the three (0.542), yet the captions shown are broken — "phone and and and"
+added, fidelity is the highest of the three (0.417), yet the captions shown are broken — "phone and and and"
 for a bell — the intervention broke the caption's format rather than redirecting it to the sound.
 """),
     md("""
@@ -1125,10 +1128,10 @@ for name, sw in sweeps.items():
 sweeps["bark - ring"].view()
 """),
     md("""
-Steering works only in the first two layers (at c = 1: every answer becomes *bark* at layer 0, 0.875 at layer
-1); from layer 2 on it does nothing at these strengths, and c = 2 makes no answer *bark* at any layer. The
-random direction of the same norm never makes *bark*. The token-drop curve below suggests why: by layer 2–3 the
-answer position has already read most of the audio. The same hooks work in `generate` — `steering_hooks(model,
+Steering works only in the first layers (at c = 1: every answer becomes *bark* at layers 0 and 1, 0.375 at
+layer 2); from layer 3 on it does nothing at these strengths, and c = 2 works only at layer 0 (0.875). The
+random direction of the same norm never makes *bark*. The token-drop curve below suggests why: by layer 4 the
+answer position has already read the audio. The same hooks work in `generate` — `steering_hooks(model,
 d, "generated", layers=[1])` steers every new token.
 
 ## Last-prompt-token probes with AUROC
@@ -1143,7 +1146,7 @@ print(probe_layers(feats, [c.sound for c in clips], n_classes=8).table())
     md("""
 Layer 0 is the last prompt token's embedding — the same word for every clip, so the probe is at chance; from
 layer 1 on the answer position holds the sound's class perfectly (accuracy and AUROC 1.0, shuffled-label
-control 0.16 to 0.26).
+control 0.16 to 0.42: with 19 held-out clips the shuffled control is noisy).
 """),
     md("## CKA: audio positions vs the answer position, layer by layer"),
     code("""
@@ -1162,9 +1165,10 @@ print(token_drop_sweep(model, test, "audio", says(ring), progress=False).table()
 """),
     md("""
 No position draws 0.3 of a layer's attention and no activation is 100× its layer's median: the organism has no
-sinks or massive activations at these thresholds. Dropping the audio from layer 0 or 1 on, no answer is
-*ring*; from layer 2 on 0.625 still are, from layer 3 on all of them — the answer has read the audio by layer
-3. (The dip when dropping from layer 4 on, 0.75, is two of these 8 clips.)
+sinks or massive activations at these thresholds. Dropping the audio from layer 0 on, no answer is
+*ring*; from layer 1 on 0.375 still are, yet from layer 2 or 3 on none again — dropping later is not always
+milder, since what a layer reads depends on the layers before it — and from layer 4 on all of them: the answer
+has read the audio by layer 4.
 """),
 ]
 
