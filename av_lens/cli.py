@@ -97,6 +97,11 @@ def _check_report_args(args) -> None:
         raise InputError(f"--fps must be a positive number, got {fps}", "pass e.g. --fps 2")
     if side < 1:
         raise InputError(f"--max-side must be at least 1 pixel, got {side}", "pass e.g. --max-side 448")
+    sae = getattr(args, "sae", None)
+    if sae is not None and not (Path(sae) / "cfg.json").is_file():
+        raise InputError(f"--sae {sae}: " + ("no such folder" if not Path(sae).is_dir() else "the folder has no cfg.json"),
+                         "pass a folder written by SparseDictionary.save or SAELens's save_model "
+                         "(cfg.json + sae_weights.safetensors)")
     for opt, name in (("--model", args.model), ("--base", args.base)):
         if name is None or (opt == "--base" and name == "none"):
             continue
@@ -127,6 +132,7 @@ examples:
   av-lens report --video long.mp4 --start 12 --duration 4
                                                   a 4-second window of a longer clip
   av-lens report --video clip.mp4 --model /ckpt/Qwen2.5-Omni-3B --device cuda --dtype bf16
+  av-lens report --video clip.mp4 --sae my_sae/   add a sparse dictionary's features (SAELens format)
   torchrun --nproc-per-node 4 -m av_lens.cli sweep --model Qwen/Qwen2.5-Omni-7B --out runs/ko7b
 
 docs: README.md, docs/organism.md (the organism), docs/cluster.md (sweeps), docs/errors.md"""
@@ -326,6 +332,11 @@ def report(args) -> int:
         threads = 1  # a 1.2 M-parameter model gains nothing from threads, and loses much on a busy machine
     if threads:
         torch.set_num_threads(threads)
+    sae = None
+    if args.sae is not None:  # read before the models load: a broken dictionary is refused at once
+        from av_lens.sae import SparseDictionary
+
+        sae = SparseDictionary.load(args.sae)
     model = _load(args.model, ORGANISM, args)
     base = None
     if args.base != "none":
@@ -333,7 +344,7 @@ def report(args) -> int:
         if args.base or default_base:
             base = _load(args.base, default_base, args)
     summary = build_report(model, clip, cf, base=base, out=args.out, progress=not args.quiet,
-                           probe_clips=0 if args.no_probes else 48)
+                           probe_clips=0 if args.no_probes else 48, sae=sae)
     print(summary.text())
     print(f"done in {time.perf_counter() - t0:.1f} s; open {summary.path} in a browser")
     return 0
@@ -388,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip the linear-probe stage (probes trained on the organism's labelled synthetic clips, "
                             "not on your clip)")
         o.add_argument("--quiet", action="store_true", help="no progress bar")
+        o.add_argument("--sae", default=None, metavar="DIR",
+                       help="a sparse dictionary folder (SAELens format: cfg.json + sae_weights.safetensors) trained "
+                            "on this model: adds its features most active on the clip, with frame thumbnails and "
+                            "waveform snippets")
         if name == "report":
             m = d.add_argument_group("media")
             m.add_argument("--video", default=None, metavar="FILE",

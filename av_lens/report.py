@@ -89,6 +89,37 @@ def _inputs(model, clip: ClipMedia, prompt: str):
                          use_audio_in_video=True)
 
 
+def _check_dictionary(model, sae) -> None:
+    """Refuse a dictionary that cannot read this model before any stage runs (a clear error, not a shape error
+    half-way through the report)."""
+    name = sae.cfg.hook_name
+    if name not in model.hook_dict:
+        near = [n for n in model.hook_dict if n.split(".")[-1] == name.split(".")[-1]][:3]
+        raise InputError(f"the dictionary reads {name!r}, which is not a hook point of {model.cfg.model_name}",
+                         "pass a dictionary trained on this model" + (f" (hook points like {', '.join(near)})"
+                                                                      if near else ""))
+    width = model.cfg.d_model if name.endswith(("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
+                                                "hook_embed", "hook_normalized")) else None
+    if width is not None and sae.cfg.d_in != width:
+        raise InputError(f"the dictionary's d_in is {sae.cfg.d_in}, but {name} of {model.cfg.model_name} has width "
+                         f"{width}", "pass a dictionary trained on this model")
+
+
+def _dictionary_positions(sae) -> tuple[str, str]:
+    """The positions to read a dictionary at: those it was trained on when its metadata names a selector this
+    version can parse, else the clip's media positions."""
+    from av_lens.layout import LayoutError, as_selector
+
+    sel = sae.cfg.metadata.get("selector")
+    if isinstance(sel, str):
+        try:
+            as_selector(sel)
+            return sel, sel
+        except LayoutError:
+            pass
+    return "audio|video", "audio and video"
+
+
 def _single_token(model, word: str | None) -> int | None:
     if word is None:
         return None
@@ -100,7 +131,10 @@ def _single_token(model, word: str | None) -> int | None:
 
 def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None, *, base=None,
                  out: str | Path = "av_lens_report.html", max_new_tokens: int | None = None, probe_clips: int = 48,
-                 progress: bool = True) -> ReportSummary:
+                 progress: bool = True, sae=None, sae_features: int = 6) -> ReportSummary:
+    """Write the report; ``sae`` (a :class:`av_lens.sae.SparseDictionary`, e.g. ``SparseDictionary.load(folder)``)
+    adds a dictionary section: its ``sae_features`` features most active on the clip, with frame thumbnails and
+    waveform snippets of the positions where they fire."""
     from tqdm.auto import tqdm
 
     from av_lens.analysis import (AttentionFlow, from_layer_windows, knockout_sweep, logit_lens, patch_by_modality,
@@ -113,7 +147,12 @@ def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None
     main_clip = counterfactual or clip
     summary = ReportSummary(Path(out))
     n = model.cfg.n_layers
-    steps = ["inputs", "answers", "attention", "logit lens", "knockout", "patching", "probes", "token shift", "write"]
+    steps = ["inputs", "answers", "attention", "logit lens", "knockout", "patching", "probes", "token shift",
+             "dictionary", "write"]
+    if sae is not None:
+        _check_dictionary(model, sae)
+    else:
+        steps.remove("dictionary")
     if not (closed and probe_clips):
         steps.remove("probes")
     if base is None:
@@ -276,6 +315,33 @@ def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None
         summary.answers["token shift vs base"] = ", ".join(
             f"{k} {v:.0%}" for k, v in res.fractions().items() if isinstance(v, float) and math.isfinite(v))
     step("token shift")
+
+    # -- a sparse dictionary's features at the clip's positions
+    if sae is not None:
+        from av_lens.sae import dashboard, feature_activations
+
+        at, where = _dictionary_positions(sae)
+        clips = list(filter(None, [clip, counterfactual]))
+        fa = feature_activations(model, sae, [hear[c.name] for c in clips], at=at)
+        if fa.acts.shape[0] == 0:
+            summary.notes.append(f"dictionary: no {where} positions in the clip, section skipped")
+        else:
+            main_rows = fa.batch == next(i for i, c in enumerate(clips) if c is main_clip)
+            peak = fa.acts[main_rows].max(0).values if bool(main_rows.any()) else fa.acts.max(0).values
+            feats = [int(f) for f in peak.argsort(descending=True)[:sae_features] if float(peak[f]) > 0]
+            summary.answers["dictionary features (most active on the clip)"] = (
+                ", ".join(f"{f} ({float(peak[f]):.2f})" for f in feats) or "none active")
+            if feats:
+                page.add(dashboard(fa, model, sae, feats, media=[[c] for c in clips], names=[c.name for c in clips]),
+                         f"Dictionary features at {views.html.esc(sae.cfg.hook_name)}",
+                         f"The {len(feats)} features of the dictionary ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae}) "
+                         f"most active at the {views.html.esc(where)} positions of the {views.html.esc(main_clip.name)} "
+                         "clip, on the 'hear' prompt of every clip: density by modality, the tokens each decoder row "
+                         "promotes (W_dec @ W_U), and the top positions with their frame (the token's patch "
+                         "outlined) or waveform (the token's span shaded).")
+            else:
+                summary.notes.append("dictionary: no feature is active on the clip")
+    step("dictionary")
     summary.path = page.save(out)
     step("write")
     bar.close()

@@ -46,8 +46,12 @@ def run_chromium(args, tmp_path):
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "report.html"
+    from av_lens.sae import DictionaryConfig, SparseDictionary
+
+    sae = SparseDictionary(DictionaryConfig(d_in=64, d_sae=32, hook_name="blocks.3.hook_resid_post",
+                                            metadata={"selector": "audio|video"})).save(out.parent / "sae")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "av_lens.cli", "report", "--out", str(out), "--quiet"],
+    r = subprocess.run([sys.executable, "-m", "av_lens.cli", "report", "--out", str(out), "--quiet", "--sae", str(sae)],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"report: {out}" in r.stdout
@@ -71,7 +75,8 @@ def test_report_renders_offline_in_headless_chromium(report_file, tmp_path):
     assert rendered and all(n > 10 for n in rendered)  # every circuitsvis view built its DOM
     assert attr("data-svg-marks") > 20            # plots have their points and cells
     for heading in ("Answers", "Where do generated tokens look?", "Logit lens at the audio positions",
-                    "Attention knockout", "Linear probes", "Inherited from the base?"):
+                    "Attention knockout", "Linear probes", "Inherited from the base?",
+                    "Dictionary features at blocks.3.hook_resid_post"):
         assert heading in r.stdout
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report_screenshot.png"
@@ -89,4 +94,40 @@ def test_report_bad_inputs_give_clear_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "av_lens.cli", "report", "--video", str(bad), "--out", str(tmp_path / "r.html")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2 and "notavideo.mp4" in r.stderr and "Fix:" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "av_lens.cli", "demo", "--sae", str(tmp_path / "no_sae"), "--out",
+                        str(tmp_path / "r.html")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "--sae" in r.stderr and "no such folder" in r.stderr and "Fix:" in r.stderr
     assert not (tmp_path / "r.html").exists()
+
+
+def test_report_with_a_dictionary_shows_its_features_with_their_media(tmp_path):
+    """build_report(sae=...) adds the dictionary's features most active on the clip, each top position with
+    its frame or waveform and its clip's name; a dictionary for another model is refused before any stage."""
+    from av_lens import HookedAVTransformer, InputError
+    from av_lens.report import _inputs, _prompts, build_report, builtin_pair
+    from av_lens.sae import DictionaryConfig, SparseDictionary, feature_activations
+
+    model = HookedAVTransformer.from_pretrained("av-lens/organism")
+    fact, cf = builtin_pair()
+    sae = SparseDictionary(DictionaryConfig(d_in=64, d_sae=32, hook_name="blocks.3.hook_resid_post"), seed=1)
+    out = tmp_path / "r.html"
+    summary = build_report(model, fact, cf, out=out, probe_clips=0, progress=False, sae=sae, sae_features=3)
+    html = out.read_text()
+    assert "Dictionary features at blocks.3.hook_resid_post" in html
+    # the three features named are the three most active on the counterfactual (main) clip's media positions
+    hear = [model.encode(_inputs(model, c, _prompts(model)["hear"])) for c in (fact, cf)]
+    fa = feature_activations(model, sae, hear, at="audio|video")
+    expect = fa.acts[fa.batch == 1].max(0).values.argsort(descending=True)[:3].tolist()
+    named = summary.answers["dictionary features (most active on the clip)"]
+    assert [int(x.split(" ")[0]) for x in named.split(", ")] == expect
+    for f in expect:
+        assert f"<h4>feature {f}</h4>" in html
+    n_rows = sum(len(fa.top(f, 8)) for f in expect)
+    assert n_rows > 0 and html.count('class="avl-thumb"') + html.count('class="avl-wave"') == n_rows  # one each
+    assert "counterfactual, sample 0" in html
+    for bad, why in ((DictionaryConfig(d_in=32, d_sae=8, hook_name="blocks.3.hook_resid_post"), "d_in is 32"),
+                     (DictionaryConfig(d_in=64, d_sae=8, hook_name="blocks.30.hook_resid_post"), "not a hook point")):
+        with pytest.raises(InputError, match=why):
+            build_report(model, fact, cf, out=tmp_path / "bad.html", probe_clips=0, progress=False,
+                         sae=SparseDictionary(bad))
+        assert not (tmp_path / "bad.html").exists()

@@ -187,3 +187,89 @@ def test_organism_study_reconstructs_and_finds_sound_features():
     mean = lambda cs: sum(c["auroc_counterfactual"] for c in cs) / len(cs)  # noqa: E731
     assert abs(mean(r["classes"]) - mean(rec["classes"])) <= 0.04
     assert all(c["auroc_counterfactual"] >= 0.9 for c in r["classes"]), r["classes"]   # recorded: 0.98-1.00
+
+
+# ------------------------------------------------------------------------------ media in the feature dashboard
+@pytest.fixture(scope="module")
+def organism_fa():
+    from av_lens import HookedAVTransformer
+    from av_lens.organism import world
+    from av_lens.organism.evaluate import clip_inputs
+
+    org = HookedAVTransformer.from_pretrained("av-lens/organism")
+    clips = [cf for _, cf in world.eval_pairs(2)]
+    inp = clip_inputs(org, clips, "hear", "av")
+    sae = SparseDictionary(DictionaryConfig(d_in=64, d_sae=16, hook_name="blocks.3.hook_resid_post"), seed=3)
+    return org, sae, clips, inp, feature_activations(org, sae, [inp], at="audio|video")
+
+
+def test_feature_rows_carry_span_and_patch_by_hand_count(organism_fa):
+    """The organism's layout, counted by hand: chunk 0 holds video positions 5..36 (two temporal patches of
+    4 x 4 merged cells, 1 s each at 2 fps) then audio 37..40 (0.5 s per token)."""
+    _, _, _, inp, fa = organism_fa
+    row = lambda p: int(((fa.sample == 0) & (fa.position == p)).nonzero()[0, 0])  # noqa: E731
+    for p, t, box in ((5, 0.0, (0, 0, .25, .25)), (5 + 5, 0.0, (.25, .25, .5, .5)), (5 + 15, 0.0, (.75, .75, 1, 1)),
+                      (5 + 16, 1.0, (0, 0, .25, .25)), (5 + 16 + 6, 1.0, (.25, .5, .5, .75))):
+        i = row(p)
+        assert float(fa.time[i]) == t and float(fa.span[i]) == 1.0 and fa.box[i].tolist() == list(box), p
+    for p in (37, 40, 109, 112):
+        i = row(p)
+        assert float(fa.span[i]) == 0.5 and torch.isnan(fa.box[i]).all() and int(fa.item[i]) == 0
+    assert float(fa.time[row(38)]) == 0.5
+    # a layout whose 3-D positions are 1-D (t = h = w) has no spatial grid: no box, never a guess
+    import dataclasses
+
+    from av_lens.sae.features import _spans_and_boxes
+    lay = inp.layout
+    flat = dataclasses.replace(lay, position_ids=lay.position_ids[:1].expand(3, -1, -1).clone())
+    _, box = _spans_and_boxes(flat)
+    assert torch.isnan(box).all()
+
+
+def test_dashboard_shows_the_frame_at_each_tokens_time_and_the_waveform_around_it(organism_fa):
+    import base64
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from av_lens.organism import world
+    from av_lens.sae import dashboard
+    from av_lens.views.media import frame_index, waveform_snippet
+
+    org, sae, clips, _, fa = organism_fa
+    # stand-in media with the clips' shapes, every frame one flat grey level (20 * index): a thumbnail's colour
+    # then says which frame it shows
+    coded = [world.Clip(c.look, c.sound, np.stack([np.full(c.frames.shape[1:], 20 * i, np.uint8)
+                                                   for i in range(len(c.frames))]), c.audio) for c in clips]
+    video_feature = int(fa.acts[fa.modality == 3].sum(0).argmax())
+    html = dashboard(fa, org, sae, [video_feature], k=6, media=coded)._repr_html_()
+    tops = [t for t in fa.top(video_feature, 6)]
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    assert len(imgs) == sum(t["modality"] == "video" for t in tops) > 0
+    for t, b64 in zip([t for t in tops if t["modality"] == "video"], imgs):
+        im = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(int)
+        want = 20 * frame_index(t["time"], t["span"], world.FPS, len(coded[0].frames))
+        assert abs(np.median(im) - want) <= 1, (t, np.median(im), want)   # the frame at the token's time
+        assert (np.abs(im - [250, 204, 21]).sum(-1) < 30).any()            # its patch is outlined
+    # the waveform snippet shades the token's span, and an impulse inside the span lands inside the shading
+    wav = np.zeros(16000 * 6, np.float32)
+    wav[int(2.25 * 16000)] = 1.0
+    svg = waveform_snippet(wav, 2.0, 0.5, width=120)
+    x, w = (float(v) for v in re.search(r'<rect x="([\d.]+)" y="0" width="([\d.]+)"', svg).groups())
+    pts = [tuple(map(float, p.split(","))) for p in re.search(r'points="([^"]+)"', svg).group(1).split()]
+    peak_x = min(pts, key=lambda p: p[1])[0]
+    assert x <= peak_x <= x + w and (x, w) == (40.0, 40.0)   # window 1.5-3.0 s: the span is its middle third
+
+
+def test_dashboard_refuses_media_that_does_not_match_the_rows(organism_fa):
+    from av_lens.sae import dashboard
+
+    org, sae, clips, inp, fa = organism_fa
+    with pytest.raises(InputError, match="holds 1 clip"):
+        dashboard(fa, org, sae, [0], media=clips[:1])
+    two = feature_activations(org, sae, [inp, inp], at="audio")
+    with pytest.raises(InputError, match="flat list"):
+        dashboard(two, org, sae, [0], media=clips)
+    assert "batch 1, sample" in dashboard(two, org, sae, [int(two.acts.sum(0).argmax())])._repr_html_()

@@ -28,6 +28,10 @@ class FeatureActivations:
     modality: Tensor      # [row] Modality values
     time: Tensor          # [row] seconds (media positions; NaN otherwise)
     labels: list[str]     # [row] layout labels ("<audio 0 · 1.20 s>"-like)
+    item: Tensor | None = None   # [row] media item within its sample (-1: text and markers)
+    span: Tensor | None = None   # [row] seconds until the next time stamp of the same item (NaN: no time)
+    box: Tensor | None = None    # [row, 4] spatial patch of image / video rows as fractions of the picture
+                                 # (top, left, bottom, right); NaN where there is none
 
     def density_by_modality(self) -> dict[str, Tensor]:
         out = {}
@@ -40,9 +44,14 @@ class FeatureActivations:
         self._check(feature)
         v = self.acts[:, feature]
         idx = v.argsort(descending=True)[:k].tolist()
+        nan = float("nan")
         return [{"value": float(v[i]), "batch": int(self.batch[i]), "sample": int(self.sample[i]),
                  "position": int(self.position[i]), "modality": Modality(int(self.modality[i])).name.lower(),
-                 "time": float(self.time[i]), "label": self.labels[i]} for i in idx if float(v[i]) > 0]
+                 "time": float(self.time[i]), "label": self.labels[i],
+                 "item": int(self.item[i]) if self.item is not None else -1,
+                 "span": float(self.span[i]) if self.span is not None else nan,
+                 "box": tuple(self.box[i].tolist()) if self.box is not None else (nan,) * 4}
+                for i in idx if float(v[i]) > 0]
 
     def pooled(self, how: str = "max") -> tuple[Tensor, Tensor, Tensor]:
         """Per clip (batch, sample): the max (or mean) of each feature over the clip's rows; returns
@@ -87,7 +96,7 @@ def feature_activations(model, sae, batches, at: SelectorLike = "all") -> Featur
     from av_lens.analysis._common import selector_mask
 
     batches = batches if isinstance(batches, (list, tuple)) else [batches]
-    parts = {k: [] for k in ("acts", "batch", "sample", "position", "modality", "time")}
+    parts = {k: [] for k in ("acts", "batch", "sample", "position", "modality", "time", "item", "span", "box")}
     labels: list[str] = []
     name = sae.cfg.hook_name
     for bi, x in enumerate(batches):
@@ -103,10 +112,48 @@ def feature_activations(model, sae, batches, at: SelectorLike = "all") -> Featur
         parts["position"].append(p_idx)
         parts["modality"].append(lay.modality[m])
         parts["time"].append(lay.time[m].float())
+        parts["item"].append(lay.item[m])
+        span, box = _spans_and_boxes(lay)
+        parts["span"].append(span[m])
+        parts["box"].append(box[m])
         lab = {b: lay.labels(b) for b in torch.unique(b_idx).tolist()}
         labels += [lab[int(b)][int(p)] for b, p in zip(b_idx, p_idx)]
-    return FeatureActivations(*(torch.cat(parts[k]) for k in ("acts", "batch", "sample", "position", "modality",
-                                                               "time")), labels)
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return FeatureActivations(cat["acts"], cat["batch"], cat["sample"], cat["position"], cat["modality"],
+                              cat["time"], labels, cat["item"], cat["span"], cat["box"])
+
+
+def _spans_and_boxes(lay) -> tuple[Tensor, Tensor]:
+    """Per position of a layout: the seconds until the next distinct time stamp of the same media item (the
+    token's span; the last one takes the previous step; NaN without a time) and, for image / video tokens
+    whose 3-D positions form a full height x width grid (Qwen-style M-RoPE), the token's spatial cell as
+    fractions of the picture. Layouts without such a grid (1-D positions) get NaN boxes, never a guess."""
+    B, T = lay.modality.shape
+    span = torch.full((B, T), float("nan"))
+    box = torch.full((B, T, 4), float("nan"))
+    media = (int(Modality.AUDIO), int(Modality.IMAGE), int(Modality.VIDEO))
+    for b in range(B):
+        for mod in media:
+            for it in torch.unique(lay.item[b][lay.modality[b] == mod]).tolist():
+                sel = ((lay.modality[b] == mod) & (lay.item[b] == it)).nonzero().squeeze(-1)
+                t = lay.time[b, sel].double()
+                if torch.isfinite(t).all() and len(sel):
+                    uniq = torch.unique(t)
+                    if len(uniq) > 1:
+                        steps = uniq[1:] - uniq[:-1]
+                        nxt = torch.cat([steps, steps[-1:]])
+                        span[b, sel] = nxt[torch.searchsorted(uniq, t)].float()
+                if mod == int(Modality.AUDIO):
+                    continue
+                h = lay.position_ids[1, b, sel].long()
+                w = lay.position_ids[2, b, sel].long()
+                dh, dw = h - h.min(), w - w.min()
+                hm, wm = int(dh.max()) + 1, int(dw.max()) + 1
+                cells = torch.bincount(dh * wm + dw, minlength=hm * wm)
+                if len(cells) != hm * wm or not bool((cells == cells[0]).all()) or cells[0] == 0:
+                    continue   # not a full grid: no box rather than a wrong one
+                box[b, sel] = torch.stack([dh / hm, dw / wm, (dh + 1) / hm, (dw + 1) / wm], -1).float()
+    return span, box
 
 
 @torch.no_grad()
@@ -121,15 +168,76 @@ def logit_effects(model, sae, feature: int, k: int = 10) -> list[tuple[str, floa
     return list(zip(toks, top.values.tolist()))
 
 
-def dashboard(fa: FeatureActivations, model, sae, features, *, k: int = 8):
-    """An offline HTML view: per feature, density by modality, top-activating positions, logit effects."""
+def _media_lookup(fa: FeatureActivations, media):
+    """``media`` as a function (batch, sample) -> clip, or None. Accepts one clip list per batch, or a flat
+    list of clips when every row comes from batch 0."""
+    if media is None:
+        return None
+    media = list(media)
+    flat = not media or hasattr(media[0], "frames") or hasattr(media[0], "audio")
+    if flat:
+        if int(fa.batch.max()) > 0:
+            raise InputError(f"media is a flat list of {len(media)} clips, but the activations come from "
+                             f"{int(fa.batch.max()) + 1} batches",
+                             "pass one list of clips per batch: media=[[clip, ...], [clip, ...]]")
+        media = [media]
+    need = {}
+    for b, s_ in zip(fa.batch.tolist(), fa.sample.tolist()):
+        need[b] = max(need.get(b, 0), s_ + 1)
+    for b, n in need.items():
+        if b >= len(media) or len(media[b]) < n:
+            have = len(media[b]) if b < len(media) else 0
+            raise InputError(f"media for batch {b} holds {have} clip(s), but its activations come from {n} samples",
+                             "pass one clip (with .frames / .fps / .audio) per sample, in the batch's order")
+    return lambda b, s_: media[b][s_]
+
+
+def _snippet(t: dict, clip) -> str:
+    """A thumbnail (video rows) or waveform (audio rows) for one top-activating position, '' when not cheap."""
+    import math
+
+    from av_lens.views import media as vm
+
+    if clip is None or not math.isfinite(t["time"]):
+        return ""
+    if t["modality"] == "video" and getattr(clip, "frames", None) is not None:
+        frames = clip.frames
+        box = None
+        if all(math.isfinite(v) for v in t["box"]):
+            H, W = frames.shape[1], frames.shape[2]
+            box = (t["box"][0] * H, t["box"][1] * W, t["box"][2] * H, t["box"][3] * W)
+        return vm.frame_thumbnail(frames, float(clip.fps), t["time"], t["span"], box)
+    if t["modality"] == "audio" and getattr(clip, "audio", None) is not None:
+        return vm.waveform_snippet(clip.audio, t["time"], t["span"], sample_rate=int(getattr(clip, "sample_rate", 16000)))
+    return ""
+
+
+def dashboard(fa: FeatureActivations, model, sae, features, *, k: int = 8, media=None, names=None):
+    """An offline HTML view: per feature, density by modality, top-activating positions, logit effects.
+
+    ``media``: the clips the activations came from — one list of clip objects per batch (``.frames`` (T, H, W, 3)
+    uint8 at ``.fps``, ``.audio`` at 16 kHz; :func:`av_lens.media.load_clip`'s clips, the organism's
+    ``world.Clip``), or a flat list for a single batch. Then every top video position shows its frame with the
+    token's patch outlined, and every audio position the waveform around it with the token's span shaded.
+    ``names``: one name per batch (e.g. "factual", "counterfactual"), shown with each position; without it,
+    positions from several batches are marked "batch b"."""
     from av_lens.views.html import View, esc
+
+    clip_of = _media_lookup(fa, media)
+    n_batches = int(fa.batch.max()) + 1 if len(fa.batch) else 0
+    if names is not None and len(names) < n_batches:
+        raise InputError(f"{len(names)} names for {n_batches} batches", "pass one name per batch")
+
+    def where(t):
+        src = (f"{names[t['batch']]}, " if names is not None else f"batch {t['batch']}, " if n_batches > 1 else "")
+        return f"{src}sample {t['sample']}, pos {t['position']}"
 
     dens = fa.density_by_modality()
     rows = []
     for f in features:
         d = " · ".join(f"{m} {float(v[f]):.3f}" for m, v in dens.items())
-        top = "".join(f"<li>{esc(t['label'])} (sample {t['sample']}, pos {t['position']}): {t['value']:.3f}</li>"
+        top = "".join(f"<li>{_snippet(t, clip_of(t['batch'], t['sample']) if clip_of else None)} "
+                      f"{esc(t['label'])} ({esc(where(t))}): {t['value']:.3f}</li>"
                       for t in fa.top(f, k))
         logit = ", ".join(f"{esc(str(t))} {v:+.2f}" for t, v in logit_effects(model, sae, f, 5))
         rows.append(f"<div class='avl-feature'><h4>feature {f}</h4><p>density by modality: {esc(d)}</p>"

@@ -37,6 +37,7 @@ h1{font-size:1.5em} h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #
 table.avl-grid{border-collapse:collapse;font-family:ui-monospace,Menlo,monospace;font-size:11px}
 table.avl-grid td,table.avl-grid th{border:1px solid #e5e7eb;padding:2px 4px;text-align:center}
 table.avl-grid td.hit{outline:2px solid #dc2626}
+img.avl-thumb,svg.avl-wave{vertical-align:middle;margin-right:6px;border:1px solid #e5e7eb}
 pre.avl-summary{background:#f9fafb;border:1px solid #e5e7eb;padding:8px;font-size:12px;overflow-x:auto}
 """
 
