@@ -162,6 +162,36 @@ def test_features_and_reports(model, media):
     assert "feature" in dashboard(fa, model, sae, [f])._repr_html_()
 
 
+def test_reconstruction_report_against_hand_written_replacement_hooks(model, media):
+    """CE recovered = (CE zero-ablated - CE spliced) / (CE zero-ablated - CE clean) on the model's own greedy next
+    tokens, recomputed with plain hooks that write the reconstruction (or zeros) at the group's positions."""
+    import torch.nn.functional as F
+
+    inp = model.prepare(**cases(media)["video_with_audio"])
+    sae = _sae(model, "relu")
+    rep = reconstruction_report(model, sae, inp, groups=("audio", "video"))
+    with torch.no_grad():
+        clean = model(inp)
+        tgt = clean.argmax(-1)[:, :-1].flatten()
+        ce = lambda lg: float(F.cross_entropy(lg[:, :-1].flatten(0, 1), tgt))  # noqa: E731
+        for g in ("audio", "video"):
+            m = inp.layout.mask(g)
+
+            def recon(a, hook, m=m):
+                out = a.clone()
+                out[m] = sae.decode(sae.encode(a[m]))
+                return out
+
+            spliced = ce(model.run_with_hooks(inp, fwd_hooks=[(sae.cfg.hook_name, recon)]))
+            zero = ce(model.run_with_hooks(inp, fwd_hooks=[(sae.cfg.hook_name,
+                                                            lambda a, hook, m=m: a * (~m)[..., None])]))
+            want = (zero - spliced) / (zero - ce(clean))
+            assert rep[g]["positions"] == int(m.sum())
+            assert rep[g]["ce_spliced"] == pytest.approx(spliced, abs=1e-5)
+            assert rep[g]["ce_zero_ablated"] == pytest.approx(zero, abs=1e-5)
+            assert rep[g]["ce_recovered"] == pytest.approx(want, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_organism_study_reconstructs_and_finds_sound_features():
     """The recorded organism figures (docs/sae_organism_study.json) come back on a rerun with the same seed."""
@@ -187,6 +217,12 @@ def test_organism_study_reconstructs_and_finds_sound_features():
     mean = lambda cs: sum(c["auroc_counterfactual"] for c in cs) / len(cs)  # noqa: E731
     assert abs(mean(r["classes"]) - mean(rec["classes"])) <= 0.04
     assert all(c["auroc_counterfactual"] >= 0.9 for c in r["classes"]), r["classes"]   # recorded: 0.98-1.00
+    # the dictionary keeps the model's loss where it was trained (audio positions), not where it was not
+    for cond in ("factual", "counterfactual"):
+        got, want = r["reconstruction"][cond], rec["reconstruction"][cond]
+        assert got["audio"]["ce_recovered"] >= 0.95 and got["video"]["explained_variance"] < 0
+        for g in ("audio", "video", "text"):
+            assert abs(got[g]["ce_recovered"] - want[g]["ce_recovered"]) <= 0.05, (cond, g, got[g], want[g])
 
 
 # ------------------------------------------------------------------------------ media in the feature dashboard

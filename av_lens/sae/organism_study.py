@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,8 @@ def organism_sae_study(*, n_train_batches: int = 8, clips_per_batch: int = 16, n
     from av_lens import HookedAVTransformer
     from av_lens.organism import world
     from av_lens.organism.evaluate import clip_inputs, first_answer
-    from av_lens.sae import collect_rows, explained_variance, feature_activations, splice, train_dictionary
+    from av_lens.sae import (collect_rows, explained_variance, feature_activations, reconstruction_report, splice,
+                             train_dictionary)
 
     hook = hook or HOOK
     torch.manual_seed(seed)
@@ -67,6 +69,12 @@ def organism_sae_study(*, n_train_batches: int = 8, clips_per_batch: int = 16, n
         plain = model(c_inp)
         with splice(model, sae, at="audio"):
             spliced = model(c_inp)
+    # the dictionary was trained on audio positions; its reconstruction spliced in at each position group
+    # (without the error term) says how much of the model's next-token loss it keeps there, and what it does
+    # to positions it never saw
+    recon = {name: {g: {k: round(v, 4) if isinstance(v, float) else v for k, v in rep.items()}
+                    for g, rep in reconstruction_report(model, sae, inp, groups=("audio", "video", "text")).items()}
+             for name, inp in (("factual", f_inp), ("counterfactual", c_inp))}
     rows = []
     for c in range(world.N_CLASSES):
         f = int(chosen[c])
@@ -77,7 +85,7 @@ def organism_sae_study(*, n_train_batches: int = 8, clips_per_batch: int = 16, n
             "explained_variance_test": round(explained_variance(sae, X), 4),
             "splice_max_abs_logit_diff": float((spliced - plain).abs().max()),
             "counterfactual_answer_follows_picture": round(follows_picture, 4), "n_test": n_test,
-            "classes": rows}
+            "reconstruction": recon, "classes": rows}
 
 
 def format_study(r: dict) -> str:
@@ -89,6 +97,12 @@ def format_study(r: dict) -> str:
            "|---|---|---|---|---|"]
     out += [f"| {c['class']} | {c['feature']} | {c['auroc_selection_cf']:.3f} | {c['auroc_factual']:.3f} | "
             f"{c['auroc_counterfactual']:.3f} |" for c in r["classes"]]
+    out += ["", "| held-out clips | positions spliced (no error term) | positions | explained variance | CE clean | "
+                "CE spliced | CE zero-ablated | CE recovered |", "|---|---|---|---|---|---|---|---|"]
+    for cond, groups in r.get("reconstruction", {}).items():
+        out += [f"| {cond} | {g} | {v['positions']} | {v['explained_variance']:.3f} | {v['ce_clean']:.4f} | "
+                f"{v['ce_spliced']:.4f} | {v['ce_zero_ablated']:.4f} | {v['ce_recovered']:.3f} |"
+                for g, v in groups.items()]
     return "\n".join(out)
 
 
@@ -101,8 +115,9 @@ def main(argv=None) -> int:
     r = organism_sae_study(seed=a.seed, hook=a.hook)
     print(format_study(r))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(r, f, indent=1)
+        from av_lens.sweeps import _atomic_write
+
+        _atomic_write(Path(a.json), json.dumps(r, indent=1))
     return 0
 
 
