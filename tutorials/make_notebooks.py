@@ -1172,6 +1172,142 @@ has read the audio by layer 4.
 """),
 ]
 
+NB08 = [
+    md("""
+# 8 · Attribution patching: candidates from one backward pass, checked by exact patching
+
+Activation patching (notebook 4) needs one forward per node — at real scale (36 layers × 16 heads × thousands
+of video tokens) thousands of forwards per clip. **Attribution patching** (AtP; Nanda 2023, Syed et al. 2023,
+Kramár et al. 2024) estimates every node's patching effect at once from a first-order expansion around the
+corrupted run:
+
+    effect(node) ≈ (a_clean(node) − a_corrupted(node)) · ∂metric/∂a  (at the corrupted run)
+
+— one clean forward, one corrupted forward and one backward. This notebook computes it on the organism, compares
+it with exact patching node by node, and shows the workflow that follows from the comparison: let AtP choose the
+candidates, then patch them exactly.
+"""),
+    code(SETUP),
+    code(LOAD),
+    md("""
+## A picture counterfactual and its metric
+
+Clean: a dog clip with a bark. Corrupted: a bell clip with the *same* bark. Only the picture differs, so
+patching clean into corrupted asks which activations carry the picture's effect on the answer to "what do you
+hear?". Metric: the logit of *bark* minus that of *ring* (the bell's sound) at the answer position.
+"""),
+    code("""
+import numpy as np
+import torch
+from av_lens.organism import world
+from av_lens.organism.evaluate import clip_inputs
+
+rng = np.random.default_rng(3)
+sound = world.sound(0, rng)                                                                    # a bark
+clean = clip_inputs(model, [world.Clip(0, 0, world.frames(0, rng), sound)], "hear", "av")      # dog + bark
+corrupted = clip_inputs(model, [world.Clip(1, 0, world.frames(1, rng), sound)], "hear", "av")  # bell + bark
+bark, ring = model.tokenizer.convert_tokens_to_ids(["bark", "ring"])
+metric = lambda logits: (logits[:, -1, bark] - logits[:, -1, ring]).mean()
+with torch.no_grad():
+    print(f"metric: clean {float(metric(model(clean))):.3f}, corrupted {float(metric(model(corrupted))):.3f}")
+"""),
+    md("""
+## Every node from one backward pass
+
+`attribution_patch(model, clean, corrupted, metric, components, sets)` returns, per component, the estimated
+effect of patching each (layer[, head]) × position set; `res["z"]` is on the scale of `patch_by_modality`'s
+values, `res.effect("z")` the change from the corrupted metric, `res.table("z")` the largest nodes. Heads are
+read at `hook_z` (a head's output is `z @ W_O[h]`, a linear map).
+"""),
+    code("""
+from av_lens.analysis import attribution_patch
+
+COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "z")
+atp = attribution_patch(model, clean, corrupted, metric, components=COMPONENTS, sets=("audio", "video", "text"))
+print(atp.table("z", k=8))
+"""),
+    md("""
+## Against exact patching
+
+`patch_by_modality` patches each node for real (one forward each). Spearman's ρ compares the two rankings —
+on the signed effects and on their magnitudes — and for the heads, how many of AtP's top 10 are exact patching's
+top 10.
+"""),
+    code("""
+from av_lens.analysis import patch_by_modality
+
+exact = patch_by_modality(model, clean, corrupted, metric, components=COMPONENTS, sets=("audio", "video", "text"),
+                          progress=False)
+
+def spearman(a, b):
+    rank = lambda x: x.flatten().argsort().argsort().double()
+    ra, rb = rank(a), rank(b)
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+print(f"{'component':>10} {'nodes':>6} {'rho signed':>11} {'rho |.|':>8}")
+for c in COMPONENTS:
+    est, true = atp.effect(c), exact[c] - exact.corrupted
+    print(f"{c:>10} {est.numel():6d} {spearman(est, true):11.2f} {spearman(est.abs(), true.abs()):8.2f}")
+est_z, true_z = atp.effect("z"), exact["z"] - exact.corrupted
+top = lambda e: set(e.abs().flatten().argsort(descending=True)[:10].tolist())
+print(f"top-10 heads shared: {len(top(est_z) & top(true_z))} of 10")
+"""),
+    md("""
+On this pair AtP ranks the nodes almost as exact patching does: ρ on magnitudes 0.94 to 1.00 for every
+component and 0.85 to 0.98 on the signed effects, and 9 of its top 10 head nodes are exact patching's. All eight
+of its largest head nodes act at the text positions: the picture reaches the answer through heads at the
+prompt's text, after the video has been read (notebook 4 finds the same route for the sound). AtP is not always
+this good: over six such pairs the signs of the small nodes go wrong where the video swap moves saturated
+softmaxes (docs/analysis.md: signed ρ 0.54 to 1.00, magnitudes 0.90 to 1.00).
+"""),
+    md("""
+## The workflow: AtP chooses, exact patching decides
+
+Patch the k largest head nodes by AtP *together*, exactly (a hook that writes the clean `hook_z` values of those
+heads at those positions into the corrupted run), and compare with the k largest by exact patching (what AtP
+tries to predict) and with k nodes drawn at random. The fraction recovered is of the clean − corrupted gap.
+"""),
+    code("""
+from av_lens.analysis.patching import metric_gap
+
+def recovered(nodes):
+    \"\"\"Fraction of the gap restored by patching (layer, head, set index) nodes jointly and exactly.\"\"\"
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("attn.hook_z"))
+    masks = [corrupted.layout.mask(s)[0] for s in ("audio", "video", "text")]
+    def hook(z, hook):
+        l = int(hook.name.split(".")[1])
+        z = z.clone()
+        for nl, h, si in nodes:
+            if nl == l:
+                z[0, masks[si], h] = cache[hook.name][0, masks[si], h]
+        return z
+    names = sorted({f"blocks.{l}.attn.hook_z" for l, _, _ in nodes})
+    with torch.no_grad():
+        m = float(metric(model.run_with_hooks(corrupted, fwd_hooks=[(n, hook) for n in names])))
+    return (m - exact.corrupted) / metric_gap(exact.clean, exact.corrupted)
+
+node = lambda i: tuple(int(v) for v in torch.unravel_index(torch.tensor(i), est_z.shape))
+by_atp = [node(i) for i in est_z.abs().flatten().argsort(descending=True).tolist()]
+by_exact = [node(i) for i in true_z.abs().flatten().argsort(descending=True).tolist()]
+g = torch.Generator().manual_seed(0)
+shuffles = [[node(i) for i in torch.randperm(est_z.numel(), generator=g).tolist()] for _ in range(3)]
+print("the 5 largest head nodes by AtP (layer, head, set):", by_atp[:5])
+print(f"{'k':>4} {'AtP order':>10} {'exact order':>12} {'random order (3 draws)':>24}")
+for k in (1, 5, 10, 20, 40, 96):
+    rnd = " ".join(f"{recovered(o[:k]):6.2f}" for o in shuffles)
+    print(f"{k:4d} {recovered(by_atp[:k]):10.2f} {recovered(by_exact[:k]):12.2f} {rnd:>24}")
+"""),
+    md("""
+No single head carries the picture: the largest by AtP recovers 0.04 of the gap alone, and the largest by
+exact patching (layer 0 head 1 at the text) works *against* it (−0.08); five together recover 0.07 to 0.14. But
+ten together recover 0.82 and twenty 0.97: the heads act jointly, so single-node effects do not add up. At every
+k, AtP's order does as well as exact patching's own, and far better than random (twenty random head nodes:
+0.13 to 0.30). The workflow, then: one backward pass to rank all nodes, then a few exact patches of the top of
+that ranking — instead of one forward per node for the ranking alone. On Qwen2.5-Omni-3B (36 layers × 16
+heads, thousands of positions) the ranking still costs two forwards and one backward.
+"""),
+]
+
 NOTEBOOKS = {
     "01_quickstart.ipynb": NB01,
     "02_where_does_the_audio_go.ipynb": NB02,
@@ -1180,6 +1316,7 @@ NOTEBOOKS = {
     "05_inherited_from_the_base.ipynb": NB05,
     "06_your_own_hook.ipynb": NB06,
     "07_steering_and_representations.ipynb": NB07,
+    "08_attribution_patching.ipynb": NB08,
 }
 
 
