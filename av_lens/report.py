@@ -99,10 +99,26 @@ def _check_dictionary(model, sae) -> None:
                          "pass a dictionary trained on this model" + (f" (hook points like {', '.join(near)})"
                                                                       if near else ""))
     width = model.cfg.d_model if name.endswith(("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
-                                                "hook_embed", "hook_normalized")) else None
+                                                "hook_embed", "hook_normalized", "attn_in", "mlp_in")) else None
     if width is not None and sae.cfg.d_in != width:
         raise InputError(f"the dictionary's d_in is {sae.cfg.d_in}, but {name} of {model.cfg.model_name} has width "
                          f"{width}", "pass a dictionary trained on this model")
+
+
+def _check_dictionary_on(model, sae, inputs, at: str) -> None:
+    """With the clip's inputs: the dictionary's positions exist and its hook's activation has its width (caught
+    here, right after the inputs are built, rather than as a shape error after every other stage)."""
+    name = sae.cfg.hook_name
+    if not bool(inputs.layout.mask(at).any()):
+        raise InputError(f"the dictionary reads positions {at!r}, and the clip has none of them",
+                         "pass a dictionary trained on positions this clip has (e.g. audio or video)")
+    _, cache = model.run_with_cache(inputs, names_filter=lambda n: n == name)
+    act = cache[name]
+    if act.ndim != 3 or act.shape[-1] != sae.cfg.d_in:
+        raise InputError(f"{name} gives activations of shape {tuple(act.shape)}, and the dictionary reads vectors of "
+                         f"width {sae.cfg.d_in}",
+                         "pass a dictionary trained on this hook of this model (per-head hooks such as hook_z are "
+                         "read per position as [batch, pos, d]: not supported by the report)")
 
 
 def _dictionary_positions(sae) -> tuple[str, str]:
@@ -180,6 +196,8 @@ def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None
     hear = {c.name: model.encode(_inputs(model, c, prompts["hear"])) for c in filter(None, [clip, counterfactual])}
     describe = {c.name: model.encode(_inputs(model, c, prompts["describe"])) for c in filter(None, [clip, counterfactual])}
     main_hear, main_desc = hear[main_clip.name], describe[main_clip.name]
+    if sae is not None:
+        _check_dictionary_on(model, sae, main_hear, _dictionary_positions(sae)[0])
     page.add(views.token_strip(main_hear.layout, model.tokenizer), f"Input: {main_clip.name} clip, by modality",
              "Each position coloured by its modality tag; media runs are folded (hover for positions, times and "
              "3-D TMRoPE positions).")
@@ -321,26 +339,23 @@ def build_report(model, clip: ClipMedia, counterfactual: ClipMedia | None = None
         from av_lens.sae import dashboard, feature_activations
 
         at, where = _dictionary_positions(sae)
-        clips = list(filter(None, [clip, counterfactual]))
+        clips = [c for c in filter(None, [clip, counterfactual]) if bool(hear[c.name].layout.mask(at).any())]
         fa = feature_activations(model, sae, [hear[c.name] for c in clips], at=at)
-        if fa.acts.shape[0] == 0:
-            summary.notes.append(f"dictionary: no {where} positions in the clip, section skipped")
+        main_rows = fa.batch == next(i for i, c in enumerate(clips) if c is main_clip)
+        peak = fa.acts[main_rows].max(0).values
+        feats = [int(f) for f in peak.argsort(descending=True)[:sae_features] if float(peak[f]) > 0]
+        summary.answers["dictionary features (most active on the clip)"] = (
+            ", ".join(f"{f} ({float(peak[f]):.2f})" for f in feats) or "none active")
+        if feats:
+            page.add(dashboard(fa, model, sae, feats, media=[[c] for c in clips], names=[c.name for c in clips]),
+                     f"Dictionary features at {sae.cfg.hook_name}",
+                     f"The {len(feats)} features of the dictionary ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae}) "
+                     f"most active at the {views.html.esc(where)} positions of the {views.html.esc(main_clip.name)} "
+                     "clip, on the 'hear' prompt of every clip: density by modality, the tokens each decoder row "
+                     "promotes (W_dec @ W_U), and the top positions with their frame (the token's patch "
+                     "outlined) or waveform (the token's span shaded).")
         else:
-            main_rows = fa.batch == next(i for i, c in enumerate(clips) if c is main_clip)
-            peak = fa.acts[main_rows].max(0).values if bool(main_rows.any()) else fa.acts.max(0).values
-            feats = [int(f) for f in peak.argsort(descending=True)[:sae_features] if float(peak[f]) > 0]
-            summary.answers["dictionary features (most active on the clip)"] = (
-                ", ".join(f"{f} ({float(peak[f]):.2f})" for f in feats) or "none active")
-            if feats:
-                page.add(dashboard(fa, model, sae, feats, media=[[c] for c in clips], names=[c.name for c in clips]),
-                         f"Dictionary features at {views.html.esc(sae.cfg.hook_name)}",
-                         f"The {len(feats)} features of the dictionary ({sae.cfg.architecture}, d_sae {sae.cfg.d_sae}) "
-                         f"most active at the {views.html.esc(where)} positions of the {views.html.esc(main_clip.name)} "
-                         "clip, on the 'hear' prompt of every clip: density by modality, the tokens each decoder row "
-                         "promotes (W_dec @ W_U), and the top positions with their frame (the token's patch "
-                         "outlined) or waveform (the token's span shaded).")
-            else:
-                summary.notes.append("dictionary: no feature is active on the clip")
+            summary.notes.append("dictionary: no feature is active on the clip")
     step("dictionary")
     summary.path = page.save(out)
     step("write")

@@ -126,7 +126,10 @@ def test_report_with_a_dictionary_shows_its_features_with_their_media(tmp_path):
     assert n_rows > 0 and html.count('class="avl-thumb"') + html.count('class="avl-wave"') == n_rows  # one each
     assert "counterfactual, sample 0" in html
     for bad, why in ((DictionaryConfig(d_in=32, d_sae=8, hook_name="blocks.3.hook_resid_post"), "d_in is 32"),
-                     (DictionaryConfig(d_in=64, d_sae=8, hook_name="blocks.30.hook_resid_post"), "not a hook point")):
+                     (DictionaryConfig(d_in=64, d_sae=8, hook_name="blocks.30.hook_resid_post"), "not a hook point"),
+                     (DictionaryConfig(d_in=16, d_sae=8, hook_name="blocks.3.attn.hook_z"), "shape"),
+                     (DictionaryConfig(d_in=64, d_sae=8, hook_name="blocks.3.hook_resid_post",
+                                       metadata={"selector": "image"}), "has none of them")):
         with pytest.raises(InputError, match=why):
             build_report(model, fact, cf, out=tmp_path / "bad.html", probe_clips=0, progress=False,
                          sae=SparseDictionary(bad))

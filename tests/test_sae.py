@@ -300,6 +300,8 @@ def test_dashboard_shows_the_frame_at_each_tokens_time_and_the_waveform_around_i
 
 
 def test_dashboard_refuses_media_that_does_not_match_the_rows(organism_fa):
+    import dataclasses
+
     from av_lens.sae import dashboard
 
     org, sae, clips, inp, fa = organism_fa
@@ -309,3 +311,55 @@ def test_dashboard_refuses_media_that_does_not_match_the_rows(organism_fa):
     with pytest.raises(InputError, match="flat list"):
         dashboard(two, org, sae, [0], media=clips)
     assert "batch 1, sample" in dashboard(two, org, sae, [int(two.acts.sum(0).argmax())])._repr_html_()
+    with pytest.raises(InputError, match="not a clip"):            # bare arrays are not clips
+        dashboard(fa, org, sae, [0], media=[[c.frames for c in clips]])
+    empty = dataclasses.replace(fa, acts=fa.acts[:0], batch=fa.batch[:0], sample=fa.sample[:0])
+    with pytest.raises(InputError, match="no rows"):
+        dashboard(empty, org, sae, [0], media=clips)
+
+
+def test_dashboard_takes_one_clip_per_media_item_and_the_clips_sample_rate(organism_fa):
+    """Two videos in one prompt: one clip for the sample is refused (it would show item 0's frames for item 1);
+    a list of clips, one per item, shows each item's own frames. A clip's ``sr`` sets the waveform's time axis."""
+    import base64
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from av_lens.media import MediaClip
+    from av_lens.sae import dashboard
+    from av_lens.organism import world
+
+    org, sae, clips, _, _ = organism_fa
+    grey = lambda v: np.full(clips[0].frames.shape, v, np.uint8)  # noqa: E731
+    from av_lens.processing import VIDEO_PH
+
+    inp = org.prepare(VIDEO_PH * 2 + "what do you see ?", videos=[grey(10), grey(200)], fps=world.FPS)
+    fa = feature_activations(org, sae, [inp], at="video")
+    assert set(fa.item.tolist()) == {0, 1}
+    one = world.Clip(0, 0, grey(10), clips[0].audio)
+    with pytest.raises(InputError, match="2 media items"):
+        dashboard(fa, org, sae, [0], media=[one])
+    two = [[[one, world.Clip(0, 0, grey(200), clips[0].audio)]]]
+    both = torch.minimum(fa.acts[fa.item == 0].max(0).values, fa.acts[fa.item == 1].max(0).values)
+    f = int(both.argmax())
+    assert float(both[f]) > 0
+    html = dashboard(fa, org, sae, [f], k=len(fa.acts), media=two)._repr_html_()
+    tops = fa.top(f, len(fa.acts))
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', html)
+    for t, b64 in zip(tops, imgs):
+        level = np.median(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("L")))
+        assert abs(level - (10 if t["item"] == 0 else 200)) <= 1, (t, level)
+    assert {t["item"] for t in tops} == {0, 1}
+    # a 24 kHz clip: an impulse at 2.25 s lies in the span [2.0, 2.5) of an audio token at 2.0 s
+    from av_lens.sae.features import _snippet
+
+    wav = np.zeros(24000 * 6, np.float32)
+    wav[int(2.25 * 24000)] = 1.0
+    svg = _snippet({"modality": "audio", "time": 2.0, "span": 0.5, "box": (float("nan"),) * 4},
+                   MediaClip(grey(0), world.FPS, wav, 24000, "test"))
+    x, w = (float(v) for v in re.search(r'<rect x="([\d.]+)" y="0" width="([\d.]+)"', svg).groups())
+    pts = [tuple(map(float, p.split(","))) for p in re.search(r'points="([^"]+)"', svg).group(1).split()]
+    assert x <= min(pts, key=lambda p: p[1])[0] <= x + w

@@ -168,32 +168,67 @@ def logit_effects(model, sae, feature: int, k: int = 10) -> list[tuple[str, floa
     return list(zip(toks, top.values.tolist()))
 
 
+def _is_clip(x) -> bool:
+    return getattr(x, "frames", None) is not None or getattr(x, "audio", None) is not None
+
+
 def _media_lookup(fa: FeatureActivations, media):
-    """``media`` as a function (batch, sample) -> clip, or None. Accepts one clip list per batch, or a flat
-    list of clips when every row comes from batch 0."""
+    """``media`` as a function (batch, sample, item) -> clip, or None.
+
+    Accepted: one list per batch of one entry per sample, or (all rows from batch 0) a flat list of entries.
+    An entry is a clip (its frames and soundtrack serve the sample's video item 0 and the audio interleaved in
+    it) or a list of clips, one per media item of the sample (item i of either modality takes clip i)."""
     if media is None:
         return None
     media = list(media)
-    flat = not media or hasattr(media[0], "frames") or hasattr(media[0], "audio")
+    flat = not media or _is_clip(media[0])
     if flat:
         if int(fa.batch.max()) > 0:
             raise InputError(f"media is a flat list of {len(media)} clips, but the activations come from "
                              f"{int(fa.batch.max()) + 1} batches",
                              "pass one list of clips per batch: media=[[clip, ...], [clip, ...]]")
         media = [media]
-    need = {}
-    for b, s_ in zip(fa.batch.tolist(), fa.sample.tolist()):
-        need[b] = max(need.get(b, 0), s_ + 1)
-    for b, n in need.items():
-        if b >= len(media) or len(media[b]) < n:
+    for b, per_batch in enumerate(media):
+        for s_, entry in enumerate(per_batch):
+            for clip in (entry if isinstance(entry, (list, tuple)) else [entry]):
+                if not _is_clip(clip):
+                    raise InputError(f"media[{b}][{s_}] is a {type(clip).__name__}, not a clip",
+                                     "pass clip objects with .frames (T, H, W, 3) uint8 / .fps and .audio (mono), "
+                                     "such as av_lens.media.load_clip's clips or the organism's world.Clip; "
+                                     "not bare frame or waveform arrays")
+    need: dict = {}
+    for b, s_, it in zip(fa.batch.tolist(), fa.sample.tolist(),
+                         (fa.item if fa.item is not None else torch.zeros_like(fa.batch)).tolist()):
+        need[(b, s_)] = max(need.get((b, s_), 0), it + 1)
+    for (b, s_), items in need.items():
+        if b >= len(media) or len(media[b]) <= s_:
             have = len(media[b]) if b < len(media) else 0
-            raise InputError(f"media for batch {b} holds {have} clip(s), but its activations come from {n} samples",
+            raise InputError(f"media for batch {b} holds {have} clip(s), but its activations come from sample {s_}",
                              "pass one clip (with .frames / .fps / .audio) per sample, in the batch's order")
-    return lambda b, s_: media[b][s_]
+        entry = media[b][s_]
+        if not isinstance(entry, (list, tuple)) and items > 1:
+            raise InputError(f"batch {b} sample {s_} has {items} media items of one modality but one clip was given",
+                             "pass a list of clips for that sample, one per media item, in the prompt's order")
+        if isinstance(entry, (list, tuple)) and len(entry) < items:
+            raise InputError(f"batch {b} sample {s_} has {items} media items but {len(entry)} clips were given",
+                             "pass one clip per media item, in the prompt's order")
+
+    def lookup(b, s_, item):
+        entry = media[b][s_]
+        return entry[max(item, 0)] if isinstance(entry, (list, tuple)) else entry
+    return lookup
+
+
+def _sample_rate(clip) -> int:
+    for name in ("sr", "sample_rate"):
+        if getattr(clip, name, None):
+            return int(getattr(clip, name))
+    return 16000
 
 
 def _snippet(t: dict, clip) -> str:
-    """A thumbnail (video rows) or waveform (audio rows) for one top-activating position, '' when not cheap."""
+    """A thumbnail (video rows) or waveform (audio rows) for one top-activating position, '' otherwise (text,
+    image rows: an image has no time stamp to pick a frame by)."""
     import math
 
     from av_lens.views import media as vm
@@ -208,7 +243,7 @@ def _snippet(t: dict, clip) -> str:
             box = (t["box"][0] * H, t["box"][1] * W, t["box"][2] * H, t["box"][3] * W)
         return vm.frame_thumbnail(frames, float(clip.fps), t["time"], t["span"], box)
     if t["modality"] == "audio" and getattr(clip, "audio", None) is not None:
-        return vm.waveform_snippet(clip.audio, t["time"], t["span"], sample_rate=int(getattr(clip, "sample_rate", 16000)))
+        return vm.waveform_snippet(clip.audio, t["time"], t["span"], sample_rate=_sample_rate(clip))
     return ""
 
 
@@ -216,13 +251,18 @@ def dashboard(fa: FeatureActivations, model, sae, features, *, k: int = 8, media
     """An offline HTML view: per feature, density by modality, top-activating positions, logit effects.
 
     ``media``: the clips the activations came from — one list of clip objects per batch (``.frames`` (T, H, W, 3)
-    uint8 at ``.fps``, ``.audio`` at 16 kHz; :func:`av_lens.media.load_clip`'s clips, the organism's
-    ``world.Clip``), or a flat list for a single batch. Then every top video position shows its frame with the
-    token's patch outlined, and every audio position the waveform around it with the token's span shaded.
+    uint8 at ``.fps``, ``.audio`` at ``.sr`` (or ``.sample_rate``, default 16 kHz); :func:`av_lens.media.load_clip`'s
+    clips, the organism's ``world.Clip``), or a flat list for a single batch; a sample with several media items
+    takes a list of clips, one per item. Then every top video position shows its frame with the token's patch
+    outlined, and every audio position the waveform around it with the token's span shaded (image and text rows
+    get no picture).
     ``names``: one name per batch (e.g. "factual", "counterfactual"), shown with each position; without it,
     positions from several batches are marked "batch b"."""
     from av_lens.views.html import View, esc
 
+    if len(fa.batch) == 0:
+        raise InputError("the feature activations hold no rows (the selector matched no position)",
+                         "compute them with a selector that matches positions of the inputs")
     clip_of = _media_lookup(fa, media)
     n_batches = int(fa.batch.max()) + 1 if len(fa.batch) else 0
     if names is not None and len(names) < n_batches:
@@ -236,7 +276,7 @@ def dashboard(fa: FeatureActivations, model, sae, features, *, k: int = 8, media
     rows = []
     for f in features:
         d = " · ".join(f"{m} {float(v[f]):.3f}" for m, v in dens.items())
-        top = "".join(f"<li>{_snippet(t, clip_of(t['batch'], t['sample']) if clip_of else None)} "
+        top = "".join(f"<li>{_snippet(t, clip_of(t['batch'], t['sample'], t['item']) if clip_of else None)} "
                       f"{esc(t['label'])} ({esc(where(t))}): {t['value']:.3f}</li>"
                       for t in fa.top(f, k))
         logit = ", ".join(f"{esc(str(t))} {v:+.2f}" for t, v in logit_effects(model, sae, f, 5))
