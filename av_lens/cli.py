@@ -98,8 +98,10 @@ def _check_report_args(args) -> None:
     if side < 1:
         raise InputError(f"--max-side must be at least 1 pixel, got {side}", "pass e.g. --max-side 448")
     sae = getattr(args, "sae", None)
-    if sae is not None and not (Path(sae) / "cfg.json").is_file():
-        raise InputError(f"--sae {sae}: " + ("no such folder" if not Path(sae).is_dir() else "the folder has no cfg.json"),
+    if sae is not None and (not sae.strip() or not (Path(sae) / "cfg.json").is_file()):
+        why = ("is empty" if not sae.strip() else "is a file, not a folder" if Path(sae).is_file() else
+               "no such folder" if not Path(sae).is_dir() else "the folder has no cfg.json")
+        raise InputError(f"--sae {sae!r}: {why}" if not sae.strip() else f"--sae {sae}: {why}",
                          "pass a folder written by SparseDictionary.save or SAELens's save_model "
                          "(cfg.json + sae_weights.safetensors)")
     for opt, name in (("--model", args.model), ("--base", args.base)):

@@ -52,6 +52,7 @@ BAD: dict[str | tuple[str, str], list[list[str]]] = {
     ("report", "--device"): [["--device", "gpu"], ["--device", "cuda:x"]],
     "--threads": [["--threads", "0"], ["--threads", "-2"], ["--threads", "two"]],
     "--no-probes": [["--no-probes=yes"]],
+    "--sae": [["--sae", "{tmp}/missing"], ["--sae", "{dir}"], ["--sae", "{file}"], ["--sae", ""]],
     "--start": [["--start", "-1"], ["--start", "soon"], ["--start", "inf"]],
     "--duration": [["--duration", "-4"], ["--duration", "long"], ["--duration", "nan"]],
 }
