@@ -101,7 +101,7 @@ def _check_report_args(args) -> None:
     if sae is not None and (not sae.strip() or not (Path(sae) / "cfg.json").is_file()):
         why = ("is empty" if not sae.strip() else "is a file, not a folder" if Path(sae).is_file() else
                "no such folder" if not Path(sae).is_dir() else "the folder has no cfg.json")
-        raise InputError(f"--sae {sae!r}: {why}" if not sae.strip() else f"--sae {sae}: {why}",
+        raise InputError(f"--sae {sae or repr(sae)}: {why}",
                          "pass a folder written by SparseDictionary.save or SAELens's save_model "
                          "(cfg.json + sae_weights.safetensors)")
     for opt, name in (("--model", args.model), ("--base", args.base)):

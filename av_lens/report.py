@@ -90,19 +90,14 @@ def _inputs(model, clip: ClipMedia, prompt: str):
 
 
 def _check_dictionary(model, sae) -> None:
-    """Refuse a dictionary that cannot read this model before any stage runs (a clear error, not a shape error
-    half-way through the report)."""
+    """Refuse a dictionary whose hook point this model lacks, before any stage runs (its width is checked on the
+    clip's inputs by :func:`_check_dictionary_on`)."""
     name = sae.cfg.hook_name
     if name not in model.hook_dict:
         near = [n for n in model.hook_dict if n.split(".")[-1] == name.split(".")[-1]][:3]
         raise InputError(f"the dictionary reads {name!r}, which is not a hook point of {model.cfg.model_name}",
                          "pass a dictionary trained on this model" + (f" (hook points like {', '.join(near)})"
                                                                       if near else ""))
-    width = model.cfg.d_model if name.endswith(("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
-                                                "hook_embed", "hook_normalized", "attn_in", "mlp_in")) else None
-    if width is not None and sae.cfg.d_in != width:
-        raise InputError(f"the dictionary's d_in is {sae.cfg.d_in}, but {name} of {model.cfg.model_name} has width "
-                         f"{width}", "pass a dictionary trained on this model")
 
 
 def _check_dictionary_on(model, sae, inputs, at: str) -> None:
@@ -115,8 +110,8 @@ def _check_dictionary_on(model, sae, inputs, at: str) -> None:
     _, cache = model.run_with_cache(inputs, names_filter=lambda n: n == name)
     act = cache[name]
     if act.ndim != 3 or act.shape[-1] != sae.cfg.d_in:
-        raise InputError(f"{name} gives activations of shape {tuple(act.shape)}, and the dictionary reads vectors of "
-                         f"width {sae.cfg.d_in}",
+        raise InputError(f"the dictionary's d_in is {sae.cfg.d_in}, but {name} of {model.cfg.model_name} gives "
+                         f"activations of shape {tuple(act.shape)}",
                          "pass a dictionary trained on this hook of this model (per-head hooks such as hook_z are "
                          "read per position as [batch, pos, d]: not supported by the report)")
 

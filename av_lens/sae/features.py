@@ -264,7 +264,7 @@ def dashboard(fa: FeatureActivations, model, sae, features, *, k: int = 8, media
         raise InputError("the feature activations hold no rows (the selector matched no position)",
                          "compute them with a selector that matches positions of the inputs")
     clip_of = _media_lookup(fa, media)
-    n_batches = int(fa.batch.max()) + 1 if len(fa.batch) else 0
+    n_batches = int(fa.batch.max()) + 1
     if names is not None and len(names) < n_batches:
         raise InputError(f"{len(names)} names for {n_batches} batches", "pass one name per batch")
 
