@@ -48,24 +48,35 @@ COMPONENTS = {
     "resid_pre": ("hook_resid_pre", "pos"), "resid_mid": ("hook_resid_mid", "pos"),
     "resid_post": ("hook_resid_post", "pos"), "attn_out": ("hook_attn_out", "pos"),
     "mlp_out": ("hook_mlp_out", "pos"), "z": ("attn.hook_z", "head"), "neurons": ("mlp.hook_post", "neuron"),
+    "q": ("attn.hook_q", "head"), "k": ("attn.hook_k", "head"), "v": ("attn.hook_v", "head"),
 }
 
 
 @dataclass
 class AttributionResult:
-    """AtP estimates per component: [layer, set], [layer, head, set] or [layer, neuron, set]."""
+    """AtP estimates per component: [layer, set], [layer, head, set] (``k`` / ``v``: [layer, kv_head, set]) or
+    [layer, neuron, set]. ``grad_drop`` holds AtP*'s GradDrop magnitudes (same shapes, >= 0) when asked for."""
 
     effects: dict[str, Tensor]
     sets: list[str]
     layers: list[int]
     clean: float
     corrupted: float
+    grad_drop: dict[str, Tensor] | None = None
+    method: str = "AtP"
 
     def effect(self, component: str) -> Tensor:
         """Estimated change of the metric when the node is patched from clean into corrupted."""
         if component not in self.effects:
             raise InputError(f"no attribution for {component!r}", f"use one of {sorted(self.effects)}")
         return self.effects[component]
+
+    def magnitude(self, component: str) -> Tensor:
+        """GradDrop's estimate of |effect| (AtP*: the mean over dropped layers of each run's |estimate|)."""
+        if self.grad_drop is None:
+            raise InputError("this result has no GradDrop magnitudes", "run attribution_patch(..., grad_drop=True)")
+        self.effect(component)
+        return self.grad_drop[component]
 
     def __getitem__(self, component: str) -> Tensor:
         """Estimated patched metric (corrupted + effect), on the scale of :class:`PatchResult` values."""
@@ -77,9 +88,12 @@ class AttributionResult:
 
         return self.effect(component) / metric_gap(self.clean, self.corrupted)
 
-    def top(self, k: int, component: str) -> list[tuple[tuple[int, ...], float]]:
-        """The ``k`` nodes of ``component`` with the largest |effect|: ((layer, [head/neuron,] set index), effect)."""
-        e = self.effect(component)
+    def top(self, k: int, component: str, *, by: str = "effect") -> list[tuple[tuple[int, ...], float]]:
+        """The ``k`` nodes of ``component`` with the largest |effect| (``by="grad_drop"``: largest GradDrop
+        magnitude): ((layer, [head/neuron,] set index), value)."""
+        if by not in ("effect", "grad_drop"):
+            raise InputError(f"unknown ranking {by!r}", "use by='effect' or by='grad_drop'")
+        e = self.effect(component) if by == "effect" else self.magnitude(component)
         flat = e.flatten()
         idx = flat.abs().argsort(descending=True)[:k]
         out = []
@@ -89,24 +103,95 @@ class AttributionResult:
             out.append((tuple(int(x) for x in nd), float(flat[i])))
         return out
 
-    def table(self, component: str, k: int = 10) -> str:
-        rows = [f"AtP {component}: clean {self.clean:.4f}, corrupted {self.corrupted:.4f}",
-                f"{'node':>24} {'effect':>10}"]
-        for nd, v in self.top(k, component):
-            label = f"L{nd[0]}" + (f" h{nd[1]}" if len(nd) == 3 and component == "z" else
-                                   f" n{nd[1]}" if len(nd) == 3 else "") + f" {self.sets[nd[-1]]}"
+    def table(self, component: str, k: int = 10, *, by: str = "effect") -> str:
+        rows = [f"{self.method} {component}: clean {self.clean:.4f}, corrupted {self.corrupted:.4f}",
+                f"{'node':>24} {'effect' if by == 'effect' else '|effect|~':>10}"]
+        unit = {"z": " h", "q": " h", "k": " kv", "v": " kv", "neurons": " n"}.get(component, "")
+        for nd, v in self.top(k, component, by=by):
+            label = f"L{nd[0]}" + (f"{unit}{nd[1]}" if len(nd) == 3 else "") + f" {self.sets[nd[-1]]}"
             rows.append(f"{label:>24} {v:10.4f}")
         return "\n".join(rows)
+
+
+def _scalar(m) -> Tensor:
+    if not isinstance(m, Tensor) or m.numel() != 1:
+        raise InputError(f"the attribution metric must return a scalar tensor, got "
+                         f"{tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__}",
+                            "reduce over the batch, e.g. (logits[:, -1, a] - logits[:, -1, b]).mean()")
+    return m
+
+
+def _leaf(resid, hook):  # make the residual stream a graph root, so no parameter gradient is kept
+    return resid.detach().requires_grad_(True)
+
+
+def _no_grad_through(act, hook):
+    """Forward value unchanged, zero gradient backward: GradDrop's dropped layer."""
+    return act.detach() + 0 * act
+
+
+def _masked(scores: Tensor) -> Tensor:
+    """Entries the additive attention mask removed (it adds the dtype's minimum)."""
+    return scores <= torch.finfo(scores.dtype).min / 2
+
+
+def _qk_estimates(model, l: int, clean_acts, corr_acts, masks: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor]:
+    """AtP* for layer ``l``'s query and key nodes: ``Σ (A' - A) · g`` where A' is the pattern recomputed exactly
+    with a set's queries (or keys) clean and every other input of the head corrupted, ``g = ∂metric/∂A``.
+    Returns ([head, set], [kv_head, set])."""
+    pre = f"blocks.{l}.attn."
+    rq_c, rk_c = clean_acts[pre + "hook_rot_q"], clean_acts[pre + "hook_rot_k"]
+    rq, rk, scores = corr_acts[pre + "hook_rot_q"], corr_acts[pre + "hook_rot_k"], corr_acts[pre + "hook_attn_scores"]
+    cfg, scale = model.cfg, model.blocks[l].attn.scale
+    n_sets = masks.shape[0]
+    if g is None:  # the metric does not depend on this layer's pattern (e.g. pinned by a hook)
+        return torch.zeros(cfg.n_heads, n_sets), torch.zeros(cfg.n_key_value_heads, n_sets)
+    f32 = torch.float32
+    sc, off, g = scores.to(f32), _masked(scores), g.to(f32)
+    A = sc.softmax(-1)
+
+    def s(qx, kx):  # [b, h, q, k]
+        return torch.einsum("bqhd,bkhd->bhqk", qx.to(f32), kx.repeat_interleave(cfg.n_rep, dim=2).to(f32)) * scale
+
+    err = (s(rq, rk) - sc).masked_fill(off, 0).abs().max()
+    if float(err) > 1e-3 * (float(sc.masked_fill(off, 0).abs().max()) + 1.0):
+        raise InputError(f"layer {l}'s attention scores are not scale * rot_q . rot_k + mask (they differ by "
+                         f"{float(err):.3g})", "recompute_qk supports standard softmax attention only; use "
+                                              "recompute_qk=False")
+    m = masks.to(sc.device, f32)                                                # [set, b, pos]
+    aq = s(rq_c, rk).masked_fill(off, float("-inf")).softmax(-1).nan_to_num(0.0)
+    rows = ((aq - A) * g).sum(-1)                                               # [b, h, q]: each query row alone
+    eq = torch.einsum("sbq,bhq->hs", m, rows)
+    kc = s(rq, rk_c)
+    ek = []
+    for j in range(n_sets):
+        new = torch.where(m[j].bool()[:, None, None, :] & ~off, kc, sc).masked_fill(off, float("-inf"))
+        ek.append(torch.einsum("bhqk,bhqk->h", new.softmax(-1).nan_to_num(0.0) - A, g))
+    ek = torch.stack(ek, dim=1)                                                 # [head, set]
+    ek = ek.reshape(cfg.n_key_value_heads, cfg.n_rep, n_sets).sum(1)            # a key-value head's query heads
+    return eq.float().cpu(), ek.float().cpu()
 
 
 def attribution_patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
                       components: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z"),
                       sets: Sequence[str] | dict[str, SelectorLike] | None = ("audio", "video", "text"), *,
-                      per_position: bool = False, layers=None, position_map=None) -> AttributionResult:
+                      per_position: bool = False, layers=None, position_map=None, recompute_qk: bool = False,
+                      grad_drop: bool = False) -> AttributionResult:
     """AtP estimates for every (layer, component[, head | neuron]) x set (or x position with ``per_position``).
 
     ``metric(logits)`` must return a scalar (e.g. a logit difference averaged over the batch). Sets select
-    positions of the corrupted input (the run that is patched)."""
+    positions of the corrupted input (the run that is patched).
+
+    AtP*'s two fixes (Kramár et al. 2024), each opt-in:
+
+    * ``recompute_qk=True``: for query (``q``) and key (``k``) nodes the attention pattern the patch would give is
+      computed exactly (the head's scores with the set's clean queries, or clean keys, and every other input
+      corrupted; softmax) and only the step from the pattern on is linearised: ``Σ (A' - A) · ∂metric/∂A``. A
+      first-order estimate through a saturated softmax misses such effects. Position-aligned inputs only.
+    * ``grad_drop=True``: for each layer ℓ one more corrupted backward with the gradient through ℓ's attention
+      and MLP outputs set to zero (their forward values kept); ``result.magnitude(c)`` is
+      ``1/(L-1) Σ_ℓ |estimate_ℓ|`` — large where a direct and an indirect path cancel in plain AtP. Costs L extra
+      forward + backward passes."""
     clean, corrupted = model.encode(model.to_input(clean)), model.encode(model.to_input(corrupted))
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown or not components:
@@ -119,6 +204,11 @@ def attribution_patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor
     else:
         from av_lens.analysis.patching import _check_map
         _check_map(position_map, clean, corrupted)
+        if recompute_qk:
+            raise InputError("recompute_qk needs position-aligned inputs (a mapped query or key would be rotated at "
+                             "another position)", "use recompute_qk=False with a position map")
+    if grad_drop and model.cfg.n_layers < 2:
+        raise InputError("GradDrop needs a model with at least two layers", "use grad_drop=False")
     lay = corrupted.layout
     real = lay.attention_mask.bool()
     if per_position:
@@ -133,64 +223,89 @@ def attribution_patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor
     if position_map is not None:
         masks = masks & position_map.mapped[None]
     hook_names = {f"blocks.{l}.{COMPONENTS[c][0]}": (l, c) for l in layers for c in components}
+    qk = recompute_qk and any(c in ("q", "k") for c in components)
+    attn_names = {f"blocks.{l}.attn.hook_{a}" for l in layers for a in ("rot_q", "rot_k")} if qk else set()
+    corr_only = {f"blocks.{l}.attn.hook_attn_scores" for l in layers} if qk else set()
+    pattern_names = [f"blocks.{l}.attn.hook_pattern" for l in layers] if qk else []
 
     clean_acts: dict[str, Tensor] = {}
 
     def keep(act, hook):
         clean_acts[hook.name] = act.detach()
 
-    def scalar(m) -> Tensor:
-        if not isinstance(m, Tensor) or m.numel() != 1:
-            raise InputError(f"the attribution metric must return a scalar tensor, got "
-                             f"{tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__}",
-                             "reduce over the batch, e.g. (logits[:, -1, a] - logits[:, -1, b]).mean()")
-        return m
-
     with torch.no_grad():
-        clean_metric = float(scalar(metric(model.run_with_hooks(clean, fwd_hooks=[(n, keep) for n in hook_names]))))
+        clean_metric = float(_scalar(metric(model.run_with_hooks(
+            clean, fwd_hooks=[(n, keep) for n in sorted(set(hook_names) | attn_names)]))))
 
     corr_acts: dict[str, Tensor] = {}
-    grads: dict[str, Tensor] = {}
 
-    def track(act, hook):
-        corr_acts[hook.name] = act.detach()
-        if act.requires_grad:
-            act.register_hook(lambda g, name=hook.name: grads.__setitem__(name, g.detach()))
+    def backward(drop: int | None = None) -> tuple[float, dict[str, Tensor]]:
+        grads: dict[str, Tensor] = {}
 
-    def leaf(resid, hook):  # make the residual stream a graph root, so no parameter gradient is kept
-        return resid.detach().requires_grad_(True)
+        def track(act, hook):
+            corr_acts[hook.name] = act.detach()
+            if act.requires_grad:
+                act.register_hook(lambda g, name=hook.name: grads.__setitem__(name, g.detach()))
 
-    with torch.enable_grad():
-        out = model.run_with_hooks(corrupted, fwd_hooks=[(EMBED, leaf)]
-                                   + [(n, track) for n in hook_names])
-        m = scalar(metric(out))
-        if not m.requires_grad:
-            raise InputError("the attribution metric does not depend on the logits' graph",
-                             "compute it from the logits tensor it is given (no .item(), no argmax)")
-        m.backward()
-    corrupted_metric = float(m.detach())
+        def keep_corr(act, hook):
+            corr_acts[hook.name] = act.detach()
 
-    effects: dict[str, list] = {c: [] for c in components}
-    for l in layers:
-        for c in components:
-            name = f"blocks.{l}.{COMPONENTS[c][0]}"
-            if name not in grads:
-                raise InputError(f"no gradient reached {name}", "the metric must depend on that layer's output")
-            a_clean = clean_acts[name]
-            if position_map is not None:
-                a_clean = position_map.gather(a_clean)
-            delta = (a_clean.to(grads[name].dtype) - corr_acts[name]) * grads[name]
-            kind = COMPONENTS[c][1]
-            mk = masks.to(delta.device, delta.dtype)                         # [set, batch, pos]
-            if kind == "pos":
-                e = torch.einsum("sbp,bpd->s", mk, delta)
-            elif kind == "head":
-                e = torch.einsum("sbp,bphd->hs", mk, delta)
-            else:
-                e = torch.einsum("sbp,bpn->ns", mk, delta)
-            effects[c].append(e.float().cpu())
-    return AttributionResult({c: torch.stack(v) for c, v in effects.items()}, names, layers, clean_metric,
-                             corrupted_metric)
+        hooks = [(EMBED, _leaf)] + [(n, track) for n in sorted(set(hook_names) | set(pattern_names))]
+        hooks += [(n, keep_corr) for n in sorted(attn_names | corr_only)]
+        if drop is not None:
+            hooks += [(f"blocks.{drop}.hook_{a}", _no_grad_through) for a in ("attn_out", "mlp_out")]
+        with torch.enable_grad():
+            m = _scalar(metric(model.run_with_hooks(corrupted, fwd_hooks=hooks)))
+            if not m.requires_grad:
+                raise InputError("the attribution metric does not depend on the logits' graph",
+                                 "compute it from the logits tensor it is given (no .item(), no argmax)")
+            m.backward()
+        return float(m.detach()), grads
+
+    def estimates(grads: dict[str, Tensor], strict: bool) -> dict[str, Tensor]:
+        out: dict[str, list] = {c: [] for c in components}
+        for l in layers:
+            qk_est = None
+            for c in components:
+                name = f"blocks.{l}.{COMPONENTS[c][0]}"
+                kind = COMPONENTS[c][1]
+                if recompute_qk and c in ("q", "k"):
+                    if qk_est is None:
+                        qk_est = _qk_estimates(model, l, clean_acts, corr_acts, masks,
+                                               grads.get(f"blocks.{l}.attn.hook_pattern"))
+                    out[c].append(qk_est[0] if c == "q" else qk_est[1])
+                    continue
+                if name not in grads:
+                    if strict:
+                        raise InputError(f"no gradient reached {name}", "the metric must depend on that layer's output")
+                    grads[name] = torch.zeros_like(corr_acts[name])
+                a_clean = clean_acts[name]
+                if position_map is not None:
+                    a_clean = position_map.gather(a_clean)
+                delta = (a_clean.to(grads[name].dtype) - corr_acts[name]) * grads[name]
+                mk = masks.to(delta.device, delta.dtype)                         # [set, batch, pos]
+                if kind == "pos":
+                    e = torch.einsum("sbp,bpd->s", mk, delta)
+                elif kind == "head":
+                    e = torch.einsum("sbp,bphd->hs", mk, delta)
+                else:
+                    e = torch.einsum("sbp,bpn->ns", mk, delta)
+                out[c].append(e.float().cpu())
+        return {c: torch.stack(v) for c, v in out.items()}
+
+    corrupted_metric, grads = backward()
+    effects = estimates(grads, strict=True)
+    magnitudes = None
+    if grad_drop:
+        L = model.cfg.n_layers
+        magnitudes = {c: torch.zeros_like(v) for c, v in effects.items()}
+        for drop in range(L):
+            _, g = backward(drop)
+            for c, v in estimates(g, strict=False).items():
+                magnitudes[c] += v.abs() / (L - 1)
+    method = "AtP*" if recompute_qk and grad_drop else ("AtP (q/k recomputed)" if recompute_qk else
+                                                       "AtP + GradDrop" if grad_drop else "AtP")
+    return AttributionResult(effects, names, layers, clean_metric, corrupted_metric, magnitudes, method)
 
 
 # ------------------------------------------------------------------------------------------- edges

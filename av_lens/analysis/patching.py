@@ -41,7 +41,13 @@ from av_lens.layout import SelectorLike
 COMPONENTS = {
     "resid_pre": ("resid_pre", False), "resid_mid": ("resid_mid", False), "resid_post": ("resid_post", False),
     "attn_out": ("attn_out", False), "mlp_out": ("mlp_out", False), "z": ("z", True),
+    "q": ("q", True), "k": ("k", True), "v": ("v", True),
 }
+
+
+def n_component_heads(model, component: str) -> int:
+    """Heads a per-head component is indexed by: query heads for z / q, key-value heads for k / v (GQA)."""
+    return model.cfg.n_key_value_heads if component in ("k", "v") else model.cfg.n_heads
 
 
 def check_aligned(clean, corrupted) -> None:
@@ -153,14 +159,15 @@ def patch_by_modality(model, clean, corrupted, metric: Callable[[Tensor], Tensor
                 corrupted_act[m] = clean_act[m].to(corrupted_act.dtype)
             return corrupted_act
 
-        rows = ([(l, h, s) for l in layers for h in range(model.cfg.n_heads) for s in range(len(sets))] if per_head
+        n_h = n_component_heads(model, comp)
+        rows = ([(l, h, s) for l in layers for h in range(n_h) for s in range(len(sets))] if per_head
                 else [(l, s) for l in layers for s in range(len(sets))])
         cols = ["layer", "head", "set"] if per_head else ["layer", "set"]
         with torch.no_grad(), _quiet_tl(progress):
             flat = tl_patching.generic_activation_patch(
                 model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits)).to(model.cfg.device), setter, act,
                 index_df=pd.DataFrame(rows, columns=cols))
-        shape = (len(layers), model.cfg.n_heads, len(sets)) if per_head else (len(layers), len(sets))
+        shape = (len(layers), n_h, len(sets)) if per_head else (len(layers), len(sets))
         values[comp] = flat.detach().float().cpu().reshape(shape)
     return PatchResult(values, list(sets), layers, clean_metric, corrupted_metric)
 

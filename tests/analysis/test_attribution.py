@@ -188,7 +188,7 @@ def test_attribution_refusals(model, media):
     with pytest.raises(InputError, match="graph"):
         attribution_patch(model, clean, corrupted, lambda logits: torch.tensor(1.0))
     with pytest.raises(InputError, match="components"):
-        attribution_patch(model, clean, corrupted, _metric, components=("q",))
+        attribution_patch(model, clean, corrupted, _metric, components=("rot_q",))
     with pytest.raises(InputError, match="matches no position"):
         attribution_patch(model, clean, corrupted, _metric, sets=("image",))
 

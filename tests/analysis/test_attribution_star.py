@@ -1,0 +1,122 @@
+"""AtP*'s two fixes against exact patching: q/k nodes with the attention pattern recomputed equal patching when the
+patched head's softmax is the model's only non-linearity (plain AtP does not); GradDrop's magnitudes equal the
+mean |effect| of exact patching with each layer's outputs frozen, on the affine-pinned model."""
+
+import copy
+
+import pytest
+import torch
+
+from av_lens.analysis.attribution import attribution_patch
+from av_lens.analysis.patching import patch_by_modality
+from av_lens.errors import InputError
+from test_attribution import SETS, _freeze_hooks, _metric, _pair
+
+
+def _pin_all_but(model, inputs, layer):
+    """Pin every norm scale, MLP gate and every attention pattern except ``layer``'s: the metric is then linear in
+    that layer's pattern, so recomputing the pattern and linearising from there is exact."""
+    keep = f"blocks.{layer}.attn.hook_pattern"
+    return [(n, f) for n, f in _freeze_hooks(model, inputs) if n != keep]
+
+
+@pytest.fixture(scope="module")
+def sharp(model):
+    """The tiny model with queries scaled up 30x: its random heads attend sharply (near-saturated softmaxes), the
+    case a first-order estimate through the softmax gets wrong."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for b in m.blocks:
+            b.attn.q_proj.weight.mul_(30)
+            if b.attn.q_proj.bias is not None:
+                b.attn.q_proj.bias.mul_(30)
+    return m
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_recomputed_qk_equals_patching_when_the_softmax_is_the_only_nonlinearity(sharp, media, layer):
+    model = sharp
+    clean, corrupted = _pair(model, media)
+    with model.hooks(fwd_hooks=_pin_all_but(model, corrupted, layer)):
+        star = attribution_patch(model, clean, corrupted, _metric, components=("q", "k", "v"), sets=SETS,
+                                 layers=[layer], recompute_qk=True)
+        plain = attribution_patch(model, clean, corrupted, _metric, components=("q", "k"), sets=SETS,
+                                  layers=[layer])
+        exact = patch_by_modality(model, clean, corrupted, _metric, components=("q", "k", "v"), sets=SETS,
+                                  layers=[layer], progress=False)
+    assert star.effect("q").shape == (1, model.cfg.n_heads, 3)
+    assert star.effect("k").shape == (1, model.cfg.n_key_value_heads, 3)
+    for c, size in (("q", 3e-4), ("k", 3e-3)):
+        e = exact[c] - exact.corrupted
+        assert e.abs().max() > size
+        torch.testing.assert_close(star.effect(c), e, atol=1e-5, rtol=1e-4)
+    # the first-order estimate through the sharp softmax is off by over 100x the tolerance above
+    assert (plain.effect("k") - (exact["k"] - exact.corrupted)).abs().max() > 2e-3
+    torch.testing.assert_close(star.effect("v"), exact["v"] - exact.corrupted, atol=1e-5, rtol=1e-4)
+    assert star.method == "AtP (q/k recomputed)"
+
+
+def test_plain_atp_of_values_equals_patching_on_the_affine_model(model, media):
+    clean, corrupted = _pair(model, media)
+    with model.hooks(fwd_hooks=_freeze_hooks(model, corrupted)):
+        atp = attribution_patch(model, clean, corrupted, _metric, components=("v",), sets=SETS)
+        exact = patch_by_modality(model, clean, corrupted, _metric, components=("v",), sets=SETS, progress=False)
+    torch.testing.assert_close(atp["v"], exact["v"], atol=1e-5, rtol=1e-4)
+    assert (exact["v"] - exact.corrupted).abs().max() > 1e-3
+
+
+def _frozen_patch(model, clean_cache, corr_cache, corrupted, comp, layer, set_mask, frozen):
+    """The metric after patching ``comp`` at ``layer`` and ``set_mask`` with layer ``frozen``'s attention and MLP
+    outputs held at their corrupted values (the freeze applied after the patch, so it wins at its own layer)."""
+    name = f"blocks.{layer}.hook_{comp}"
+
+    def patch(act, hook):
+        act = act.clone()
+        act[set_mask] = clean_cache[name][set_mask]
+        return act
+
+    hooks = [(name, patch)]
+    for a in ("attn_out", "mlp_out"):
+        n = f"blocks.{frozen}.hook_{a}"
+        hooks.append((n, lambda act, hook, v=corr_cache[n]: v.clone()))
+    return float(_metric(model.run_with_hooks(corrupted, fwd_hooks=hooks)))
+
+
+def test_grad_drop_equals_mean_abs_of_frozen_layer_patching_on_the_affine_model(model, media):
+    clean, corrupted = _pair(model, media)
+    comps = ("resid_pre", "attn_out", "mlp_out")
+    L = model.cfg.n_layers
+    with model.hooks(fwd_hooks=_freeze_hooks(model, corrupted)):
+        res = attribution_patch(model, clean, corrupted, _metric, components=comps, sets=SETS, grad_drop=True)
+        names = lambda n: any(n.endswith("hook_" + c) for c in comps) and n.startswith("blocks.")  # noqa: E731
+        _, cc = model.run_with_cache(clean, names_filter=names)
+        with torch.no_grad():
+            base, kc = model.run_with_cache(corrupted, names_filter=names)
+        base = float(_metric(base))
+        for c in comps:
+            want = torch.zeros(L, len(SETS))
+            for l in range(L):
+                for s, sel in enumerate(SETS):
+                    m = corrupted.layout.mask(sel)
+                    want[l, s] = sum(abs(_frozen_patch(model, cc, kc, corrupted, c, l, m, f) - base)
+                                     for f in range(L)) / (L - 1)
+            torch.testing.assert_close(res.magnitude(c), want, atol=1e-5, rtol=1e-4)
+    assert res.magnitude("resid_pre").max() > 1e-3
+    assert res.method == "AtP + GradDrop"
+
+
+    assert "|effect|~" in res.table("attn_out", by="grad_drop")
+
+
+def test_atp_star_refusals(model, media):
+    from av_lens.analysis.position_map import position_map
+
+    clean, corrupted = _pair(model, media)
+    with pytest.raises(InputError, match="position-aligned"):
+        attribution_patch(model, clean, corrupted, _metric, components=("q",), recompute_qk=True,
+                          position_map=position_map(clean, corrupted))
+    res = attribution_patch(model, clean, corrupted, _metric, components=("q",))
+    with pytest.raises(InputError, match="GradDrop"):
+        res.magnitude("q")
+    with pytest.raises(InputError, match="ranking"):
+        res.top(3, "q", by="size")
