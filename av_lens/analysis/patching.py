@@ -180,14 +180,20 @@ def _check_map(pm, clean, corrupted) -> None:
 
 
 def patch_per_position(model, clean, corrupted, metric: Callable[[Tensor], Tensor],
-                       component: str = "resid_pre", progress: bool = True) -> Tensor:
-    """TransformerLens's per-(layer, position) patching on aligned inputs: [layer, pos]."""
+                       component: str = "resid_pre", progress: bool = True, position_map=None) -> Tensor:
+    """TransformerLens's per-(layer, position) patching on aligned inputs: [layer, pos].
+
+    With ``position_map`` the inputs need not be aligned: positions are the corrupted run's, each mapped position
+    receives the mean of its clean sources (in every sample where it is mapped), and positions mapped in no
+    sample are NaN (not patched)."""
     fns = {"resid_pre": tl_patching.get_act_patch_resid_pre, "resid_mid": tl_patching.get_act_patch_resid_mid,
            "attn_out": tl_patching.get_act_patch_attn_out, "mlp_out": tl_patching.get_act_patch_mlp_out}
     if component not in fns:
         raise InputError(f"per-position patching supports {sorted(fns)}, not {component!r}",
                          "use patch_by_modality for other components")
     clean, corrupted = model.encode(model.to_input(clean)), model.encode(model.to_input(corrupted))
+    if position_map is not None:
+        return _patch_per_position_mapped(model, clean, corrupted, metric, component, progress, position_map)
     check_aligned(clean, corrupted)
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_" + component))
@@ -196,18 +202,54 @@ def patch_per_position(model, clean, corrupted, metric: Callable[[Tensor], Tenso
                                     lambda logits: torch.as_tensor(metric(logits)).to(model.cfg.device)).cpu()
 
 
+def _patch_per_position_mapped(model, clean, corrupted, metric, component, progress, pm) -> Tensor:
+    _check_map(pm, clean, corrupted)
+    mapped = pm.mapped                                                         # [batch, pos]
+    cols = [int(j) for j in mapped.any(0).nonzero()[:, 0]]
+    if not cols:
+        raise InputError("no position of the corrupted input is mapped to the clean input",
+                         "check the map (unmatched='skip' leaves positions unmapped)")
+    layers = list(range(model.cfg.n_layers))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_" + component))
+
+    def setter(corrupted_act, index, clean_act):
+        j = index[1]
+        moved = pm.gather(clean_act.to(corrupted_act.device))
+        rows = mapped[:, j].to(corrupted_act.device)
+        corrupted_act[rows, j] = moved[rows, j].to(corrupted_act.dtype)
+        return corrupted_act
+
+    with torch.no_grad(), _quiet_tl(progress):
+        flat = tl_patching.generic_activation_patch(
+            model, corrupted, cache, lambda logits: torch.as_tensor(metric(logits)).to(model.cfg.device), setter,
+            component, index_df=pd.DataFrame([(l, j) for l in layers for j in cols], columns=["layer", "pos"]))
+    out = torch.full((len(layers), corrupted.layout.shape[1]), float("nan"))
+    out[:, cols] = flat.detach().float().cpu().reshape(len(layers), len(cols))
+    return out
+
+
 # ------------------------------------------------------------------------------------------ path patching
 def path_patch_hooks(model, clean_cache, layer: int, senders: SelectorLike, receivers: SelectorLike,
-                     heads: Sequence[int] | None = None) -> list[tuple[str, Callable]]:
+                     heads: Sequence[int] | None = None, *, position_map=None,
+                     clean_layout=None) -> list[tuple[str, Callable]]:
     """Hooks for the corrupted run that give the ``senders -> receivers`` edges of ``layer``'s heads their
     clean values. ``clean_cache`` must hold that layer's ``attn.hook_pattern`` and ``attn.hook_v``
-    (see :func:`path_patch_cache_filter`). Prefill only."""
+    (see :func:`path_patch_cache_filter`). Prefill only.
+
+    With ``position_map`` (and the clean input's ``clean_layout``) the two runs need not be aligned: senders are
+    selected in each run's own layout, and a mapped receiver j of the corrupted run gets, in place of its
+    corrupted senders' contribution, the clean contribution of the clean senders to j's clean source
+    positions (their mean). Unmapped receivers keep their corrupted values."""
     (layer,) = check_layers(model, [layer], "path-patching layer")
     heads = list(range(model.cfg.n_heads)) if heads is None else sorted(set(heads))
     bad = [h for h in heads if not 0 <= h < model.cfg.n_heads]
     if bad or not heads:
         raise InputError(f"heads {bad or heads} are not valid heads of a {model.cfg.n_heads}-head layer",
                          f"pass head indices in 0..{model.cfg.n_heads - 1}")
+    if (position_map is None) != (clean_layout is None):
+        raise InputError("a path-patching position map needs the clean input's layout too",
+                         "pass position_map=pm, clean_layout=clean.layout (path_patch does this for you)")
     pre = f"blocks.{layer}.attn."
     try:
         p_clean, v_clean = clean_cache[pre + "hook_pattern"], clean_cache[pre + "hook_v"]
@@ -229,13 +271,22 @@ def path_patch_hooks(model, clean_cache, layer: int, senders: SelectorLike, rece
     def on_pattern(p, hook):
         state["p"] = p
 
+
     def on_z(z, hook):
         layout, qs, n = current_rows(model)
         if qs != 0:
             raise InputError("path patching hooks run in a prefill forward only", "use them with run_with_hooks")
         S = selector_mask(layout, senders, "sender").to(z.device)
         R = selector_mask(layout, receivers, "receiver").to(z.device)
-        delta = edge_sum(p_clean.to(z.device), v_clean.to(z.device), S, R) - edge_sum(state["p"], state["v"], S, R)
+        if position_map is None:
+            clean_part = edge_sum(p_clean.to(z.device), v_clean.to(z.device), S, R)
+        else:
+            S_clean = selector_mask(clean_layout, senders, "sender").to(z.device)
+            every = torch.ones(p_clean.shape[0], p_clean.shape[2], dtype=torch.bool, device=z.device)
+            R = R & position_map.mapped.to(z.device)
+            moved = position_map.gather(edge_sum(p_clean.to(z.device), v_clean.to(z.device), S_clean, every))
+            clean_part = moved.to(z.device) * R[:, :, None, None].to(moved.dtype)
+        delta = clean_part - edge_sum(state["p"], state["v"], S, R)
         out = z.clone()
         out[:, :, heads] = z[:, :, heads] + delta[:, :, heads].to(z.dtype)
         state.clear()
@@ -250,12 +301,20 @@ def path_patch_cache_filter(layer: int) -> Callable[[str], bool]:
 
 
 def path_patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor], senders: SelectorLike,
-               receivers: SelectorLike, layers=None, heads_per_layer: bool = False) -> Tensor:
-    """Metric after patching ``senders -> receivers`` edges: [layer] (all heads at once) or [layer, head]."""
+               receivers: SelectorLike, layers=None, heads_per_layer: bool = False, position_map=None) -> Tensor:
+    """Metric after patching ``senders -> receivers`` edges: [layer] (all heads at once) or [layer, head].
+    ``position_map``: inputs whose layouts differ (see :func:`path_patch_hooks`)."""
     clean, corrupted = model.encode(model.to_input(clean)), model.encode(model.to_input(corrupted))
-    check_aligned(clean, corrupted)
+    if position_map is None:
+        check_aligned(clean, corrupted)
+    else:
+        _check_map(position_map, clean, corrupted)
+        R = selector_mask(corrupted.layout, receivers, "receiver")
+        if not (R & position_map.mapped).any():
+            raise InputError("no receiver position is mapped to the clean input",
+                             "check the map (unmatched='skip' leaves positions unmapped) or choose other receivers")
     selector_mask(clean.layout, senders, "sender")
-    selector_mask(clean.layout, receivers, "receiver")
+    selector_mask(corrupted.layout, receivers, "receiver")
     layers = check_layers(model, layers)
     names = {f"blocks.{l}.attn.hook_{a}" for l in layers for a in ("pattern", "v")}
     with torch.no_grad():
@@ -263,8 +322,9 @@ def path_patch(model, clean, corrupted, metric: Callable[[Tensor], Tensor], send
         out = []
         for l in layers:
             hs = [[h] for h in range(model.cfg.n_heads)] if heads_per_layer else [None]
-            row = [float(metric(model.run_with_hooks(corrupted, fwd_hooks=path_patch_hooks(model, cache, l, senders,
-                                                                                               receivers, h))))
+            row = [float(metric(model.run_with_hooks(corrupted, fwd_hooks=path_patch_hooks(
+                model, cache, l, senders, receivers, h, position_map=position_map,
+                clean_layout=clean.layout if position_map is not None else None))))
                    for h in hs]
             out.append(row)
     t = torch.tensor(out)

@@ -79,7 +79,8 @@ def _frozen_patch(model, clean_cache, corr_cache, corrupted, comp, layer, set_ma
     for a in ("attn_out", "mlp_out"):
         n = f"blocks.{frozen}.hook_{a}"
         hooks.append((n, lambda act, hook, v=corr_cache[n]: v.clone()))
-    return float(_metric(model.run_with_hooks(corrupted, fwd_hooks=hooks)))
+    with torch.no_grad():
+        return float(_metric(model.run_with_hooks(corrupted, fwd_hooks=hooks)))
 
 
 def test_grad_drop_equals_mean_abs_of_frozen_layer_patching_on_the_affine_model(model, media):
