@@ -3,8 +3,8 @@
 av-lens report writes one self-contained HTML file with every view of a clip or a factual/counterfactual pair
 (a video file and audio files, or the built-in pair); av-lens demo is that report on the built-in pair with
 the embedded model organism (docs/organism.md), offline, printing the file's path and a text summary.
-av-lens sweep runs the study's knockout protocol over many clip pairs, sharded over torchrun ranks and
-resumable (av_lens.sweeps, docs/cluster.md).
+av-lens sweep runs the study's knockout protocol (or attribution patching, --analysis atp) over many clip
+pairs, sharded over torchrun ranks and resumable (av_lens.sweeps, docs/cluster.md).
 The data path in one pass: media -> native encoders -> modality layout -> hooked backbone -> analyses -> views.
 
 Nothing heavy is imported at module level: ``av-lens --help`` must not pay for torch.
@@ -157,7 +157,8 @@ same frames with a bell's ring) with the embedded model organism and its base VL
 a minute on 2 CPU cores. Writes the HTML report and prints a text summary."""
 
 SWEEP_DESCRIPTION = """\
-Run (or resume) the study's knockout protocol over many clip pairs into one table. Under torchrun
+Run (or resume) the study's knockout protocol over many clip pairs into one table, or with
+--analysis atp attribution patching of each pair (factual into counterfactual). Under torchrun
 every rank takes a shard; rows are written as they finish, and a rerun skips what is done
 (docs/cluster.md)."""
 
@@ -447,7 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: %(default)s)")
     s.add_argument("--gpus-per-rank", type=int, default=1, metavar="N",
                    help="with --device auto: spread each rank's model over this many GPUs (default: %(default)s)")
-    s.add_argument("--quiet", action="store_true", help="no progress lines")
+    a = s.add_argument_group("attribution (--analysis atp)")
+    a.add_argument("--analysis", default="knockout", choices=("knockout", "atp"),
+                   help="knockout: the study's knockout protocol; atp: attribution patching (AtP) of each pair, "
+                        "factual into counterfactual, one row per pair (default: %(default)s)")
+    a.add_argument("--components", default="resid_pre,attn_out,mlp_out,z",
+                   help="with --analysis atp: the nodes to estimate, comma-separated (default: %(default)s)")
+    a.add_argument("--atp-metric", default="logit_diff", choices=("logit_diff", "caption"),
+                   help="with --analysis atp: logit of the factual sound's word minus the counterfactual's, or the "
+                        "factual caption's teacher-forced log-probability (default: %(default)s)")
+    a.add_argument("--atp-star", action="store_true",
+                   help="with --analysis atp: AtP* (q/k patterns recomputed, GradDrop magnitudes; L more passes)")
+    s.add_argument("--quiet", action="store_true", help="no progress lines or bars")
     return parser
 
 

@@ -66,16 +66,20 @@ class SweepError(AVLensError):
 # ------------------------------------------------------------------------------------------------ items
 @dataclass(frozen=True)
 class WorkItem:
-    """One row of the table: a sample, a condition and a knockout (``window=None``: no knockout)."""
+    """One row of the table: a sample, a condition and a knockout (``window=None``: no knockout); or, with
+    ``analysis="atp"``, a sample's attribution patching from its factual into its counterfactual clip."""
 
     sample: int
-    condition: str  # "factual" | "counterfactual"
+    condition: str  # "factual" | "counterfactual" | "pair" (attribution)
     query: str = "none"
     keys: str = "none"
     window: tuple[int, int] | None = None  # (start, stop): layers start..stop-1, half-open like range()
+    analysis: str = "knockout"  # | "atp"
 
     @property
     def key(self) -> str:
+        if self.analysis == "atp":
+            return f"{self.sample}/atp"
         ko = "none" if self.window is None else f"{self.query}->{self.keys}/{self.window[0]}:{self.window[1]}"
         return f"{self.sample}/{self.condition}/{ko}"
 
@@ -106,6 +110,13 @@ def study_items(n_samples: int, windows: Sequence[range], *, conditions: Sequenc
             items.append(WorkItem(s, c))
             items += [WorkItem(s, c, q, k, w) for q, k in knockouts for w in wins]
     return items
+
+
+def attribution_items(n_samples: int) -> list[WorkItem]:
+    """One attribution item per sample: AtP from its factual (clean) into its counterfactual (corrupted) clip."""
+    if n_samples < 1:
+        raise InputError(f"a sweep needs at least one sample, got {n_samples}", "pass --pairs 1 or more")
+    return [WorkItem(s, "pair", analysis="atp") for s in range(n_samples)]
 
 
 def parse_windows(text: str, n_layers: int | None = None) -> list[range]:
@@ -277,9 +288,48 @@ def _fail_after(rank: int) -> int | None:
     return int(k) if int(r) == rank else None
 
 
+ATP_COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "z")
+
+
+def atp_row(model, pair, item: WorkItem, *, components: Sequence[str] = ATP_COMPONENTS, metric: str = "logit_diff",
+            max_new_tokens: int = 4, star: bool = False) -> dict:
+    """One attribution row: AtP estimates over layers x {audio, video, text} for ``components`` from the pair's
+    factual clip into its counterfactual one (AtP* with ``star``). ``metric="logit_diff"``: the logit of the
+    factual sound's word minus the counterfactual sound's at the last prompt position; ``"caption"``: the mean
+    log-probability of the factual clip's greedy caption (``max_new_tokens``), teacher-forced in both runs."""
+    from av_lens.analysis.attribution import attribution_patch, teacher_forced
+
+    clean, corrupted = model.encode(pair.factual), model.encode(pair.counterfactual)
+    if metric == "logit_diff":
+        a, b = pair.meta["sound"], pair.meta["counterfactual_sound"]
+        ta, tb = model.word_token(a), model.word_token(b)
+        if ta == tb:
+            raise InputError(f"sample {item.sample}: the two sounds {a!r} and {b!r} share one token",
+                             "use --atp-metric caption, or pairs whose sounds differ")
+        fn = lambda logits: (logits[:, -1, ta] - logits[:, -1, tb]).mean()  # noqa: E731
+        what = f"logit({a}) - logit({b}) at the last prompt position"
+    else:
+        gen = model.generate(clean, max_new_tokens=max_new_tokens)
+        clean, corrupted, fn = teacher_forced(clean, corrupted, gen)
+        caption = gen.text[0] if gen.text is not None else " ".join(map(str, gen.new_tokens[0].tolist()))
+        what = f"mean log-probability of the factual caption {caption!r}"
+    res = attribution_patch(model, clean, corrupted, fn, components=components, sets=("audio", "video", "text"),
+                            recompute_qk=star, grad_drop=star)
+    row = {"key": item.key, "sample": item.sample, "analysis": "atp", "method": res.method, "metric": what,
+           "clean": res.clean, "corrupted": res.corrupted, "sets": res.sets, "layers": res.layers,
+           "effects": {c: res.effect(c).tolist() for c in components}}
+    if res.grad_drop is not None:
+        row["grad_drop"] = {c: res.magnitude(c).tolist() for c in components}
+    return row
+
+
 def run_shard(model, samples, items: Sequence[WorkItem], out: str | os.PathLike, rank: int = 0, world_size: int = 1,
-              *, max_new_tokens: int = 4, scorer=None, log: Callable[[str], None] = print) -> int:
-    """Evaluate this rank's not-yet-written items and append their rows; returns how many were computed."""
+              *, max_new_tokens: int = 4, scorer=None, log: Callable[[str], None] = print, progress: bool = False,
+              atp: dict | None = None) -> int:
+    """Evaluate this rank's not-yet-written items and append their rows; returns how many were computed.
+    ``progress``: a tqdm bar over the items; ``atp``: keyword arguments of :func:`atp_row` for attribution items."""
+    from tqdm.auto import tqdm
+
     from av_lens.analysis.knockout import knockout_hooks
     from av_lens.analysis.pairs import KeywordScorer
 
@@ -297,8 +347,16 @@ def run_shard(model, samples, items: Sequence[WorkItem], out: str | os.PathLike,
     groups: dict[tuple[int, str], list[WorkItem]] = {}
     for it in todo:
         groups.setdefault(it.group, []).append(it)
+    bar = tqdm(total=len(todo), desc=f"sweep rank {rank}", unit="item", disable=not progress)
     for (s, cond), its in groups.items():
         pair = samples[s]
+        if cond == "pair":
+            for it in its:
+                row = atp_row(model, pair, it, max_new_tokens=max_new_tokens, **(atp or {}))
+                rows.append(row)
+                n += 1
+                bar.update()
+            continue
         inp = model.encode(pair.factual if cond == "factual" else pair.counterfactual)  # encoders once per sample
         heard = pair.meta["sound" if cond == "factual" else "counterfactual_sound"]
         for it in its:
@@ -315,6 +373,8 @@ def run_shard(model, samples, items: Sequence[WorkItem], out: str | os.PathLike,
                 raise RuntimeError(f"AV_LENS_SWEEP_FAIL_AFTER: rank {rank} stops after {n} rows, mid-write")
             rows.append(row)
             n += 1
+            bar.update()
+    bar.close()
     log(f"sweep rank {rank}/{world_size}: computed {n} rows")
     return n
 
@@ -446,6 +506,21 @@ def check_args(args) -> list[tuple[str, str]]:
             raise InputError(f"unknown --question {args.question!r}", f"use one of {sorted(QUESTIONS)}")
     elif not Path(args.manifest).is_file():
         raise InputError(f"the manifest {args.manifest!r} does not exist", "pass a JSONL file with one clip pair per line")
+    analysis = getattr(args, "analysis", "knockout")
+    if analysis not in ("knockout", "atp"):
+        raise InputError(f"unknown --analysis {analysis!r}", "use knockout or atp")
+    if analysis == "atp":
+        from av_lens.analysis.attribution import COMPONENTS
+
+        comps = [c.strip() for c in args.components.split(",")]
+        bad = [c for c in comps if c not in COMPONENTS]
+        if bad or not comps:
+            raise InputError(f"unknown --components {bad or comps}", f"use some of {sorted(COMPONENTS)}, comma-separated")
+        if args.atp_metric not in ("logit_diff", "caption"):
+            raise InputError(f"unknown --atp-metric {args.atp_metric!r}", "use logit_diff or caption")
+        if args.windows is not None:
+            raise InputError("--windows is a knockout option; an attribution sweep covers every layer",
+                             "drop --windows, or use --analysis knockout")
     conditions = [c.strip() for c in args.conditions.split(",")]
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or not conditions:
@@ -496,6 +571,9 @@ def run(args, log: Callable[[str], None] = print) -> list[dict] | None:
     samples = (manifest_samples(model, args.manifest) if args.manifest
                else organism_samples(model, args.pairs, args.seed, question=args.question))
     n = len(samples)
+    analysis = getattr(args, "analysis", "knockout")
+    if analysis == "atp":
+        return _run_atp(args, model, samples, rank, world, out, log)
     check_knockouts_match(knockouts, samples)
     items = study_items(n, windows, conditions=tuple(c.strip() for c in args.conditions.split(",")), knockouts=knockouts)
     spec = {"model": args.model, "samples": args.manifest or f"organism_pairs(n={args.pairs}, seed={args.seed}, "
@@ -503,10 +581,35 @@ def run(args, log: Callable[[str], None] = print) -> list[dict] | None:
             "n_samples": n, "windows": [f"{w.start}:{w.stop}" for w in windows], "knockouts": [list(k) for k in knockouts],
             "conditions": args.conditions, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
     check_spec(out, spec, rank)
-    run_shard(model, samples, items, out, rank, world, max_new_tokens=args.max_new_tokens, log=log)
+    run_shard(model, samples, items, out, rank, world, max_new_tokens=args.max_new_tokens, log=log,
+              progress=not getattr(args, "quiet", True))
     barrier(world)
     if rank != 0:
         return None
     table = gather(out, items)
     log(f"sweep: {len(table)} rows from {world} rank(s) -> {out / TABLE}")
+    return table
+
+
+def _samples_spec(args) -> str:
+    return args.manifest or f"organism_pairs(n={args.pairs}, seed={args.seed}, question={args.question!r})"
+
+
+def _run_atp(args, model, samples, rank: int, world: int, out: Path, log) -> list[dict] | None:
+    """``av-lens sweep --analysis atp``: one attribution row per sample, sharded, resumable, gathered like
+    knockout sweeps."""
+    comps = tuple(c.strip() for c in args.components.split(","))
+    items = attribution_items(len(samples))
+    spec = {"model": args.model, "samples": _samples_spec(args), "n_samples": len(samples), "analysis": "atp",
+            "components": list(comps), "atp_metric": args.atp_metric, "atp_star": bool(args.atp_star),
+            "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
+    check_spec(out, spec, rank)
+    run_shard(model, samples, items, out, rank, world, max_new_tokens=args.max_new_tokens, log=log,
+              progress=not getattr(args, "quiet", True),
+              atp={"components": comps, "metric": args.atp_metric, "star": bool(args.atp_star)})
+    barrier(world)
+    if rank != 0:
+        return None
+    table = gather(out, items)
+    log(f"sweep: {len(table)} attribution rows from {world} rank(s) -> {out / TABLE}")
     return table

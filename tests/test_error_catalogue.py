@@ -985,6 +985,20 @@ CASES += [
          lambda ctx: __import__("av_lens.analysis", fromlist=["edge_attribution"]).edge_attribution(
              ctx.model, ctx.audio, ctx.audio, lambda logits: logits[:, -1, 0].mean(), ig_steps=0),
          InputError, ("ig_steps must be a positive integer or None, got 0",), ("use None for EAP",)),
+    Case("edge-attribution-ig-path", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["edge_attribution"]).edge_attribution(
+             ctx.model, ctx.audio, ctx.audio, lambda logits: logits[:, -1, 0].mean(), ig_steps=2, ig_path="edges"),
+         InputError, ("unknown ig_path 'edges'",), ("use ig_path='input' (EAP-IG) or 'edge' (per-edge IG)",)),
+    Case("attribution-recompute-qk-with-map", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["attribution_patch"]).attribution_patch(
+             ctx.model, ctx.audio, ctx.audio, lambda logits: logits[:, -1, 0].mean(), components=("q",),
+             sets=("audio",), recompute_qk=True,
+             position_map=__import__("av_lens.analysis", fromlist=["position_map"]).position_map(ctx.audio, ctx.audio)),
+         InputError, ("recompute_qk needs position-aligned inputs",), ("use recompute_qk=False with a position map",)),
+    Case("attribution-no-grad-drop", "analyses",
+         lambda ctx: __import__("av_lens.analysis", fromlist=["attribution_patch"]).attribution_patch(
+             ctx.model, ctx.audio, ctx.audio, lambda logits: logits[:, -1, 0].mean(), sets=("audio",)).magnitude("z"),
+         InputError, ("this result has no GradDrop magnitudes",), ("run attribution_patch(..., grad_drop=True)",)),
     Case("sae-unknown-architecture", "analyses",
          lambda ctx: __import__("av_lens.sae", fromlist=["DictionaryConfig"]).DictionaryConfig(
              d_in=4, d_sae=8, architecture="gated"),
