@@ -103,6 +103,23 @@ class AttributionResult:
             out.append((tuple(int(x) for x in nd), float(flat[i])))
         return out
 
+    def to_frame(self):
+        """A tidy ``pandas.DataFrame``: one row per node — component, layer, unit ("head", "kv_head", "neuron"
+        or ""), index (the head / neuron, -1 for whole-layer nodes), set, effect (and grad_drop when present)."""
+        import pandas as pd
+
+        unit = {"z": "head", "q": "head", "k": "kv_head", "v": "kv_head", "neurons": "neuron"}
+        rows = []
+        for c, e in self.effects.items():
+            g = self.grad_drop[c] if self.grad_drop is not None else None
+            for nd in torch.cartesian_prod(*[torch.arange(n) for n in e.shape]).reshape(-1, e.ndim).tolist():
+                r = {"component": c, "layer": self.layers[nd[0]], "unit": unit.get(c, "") if e.ndim == 3 else "",
+                     "index": nd[1] if e.ndim == 3 else -1, "set": self.sets[nd[-1]], "effect": float(e[tuple(nd)])}
+                if g is not None:
+                    r["grad_drop"] = float(g[tuple(nd)])
+                rows.append(r)
+        return pd.DataFrame(rows)
+
     def table(self, component: str, k: int = 10, *, by: str = "effect") -> str:
         rows = [f"{self.method} {component}: clean {self.clean:.4f}, corrupted {self.corrupted:.4f}",
                 f"{'node':>24} {'effect' if by == 'effect' else '|effect|~':>10}"]

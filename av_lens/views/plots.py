@@ -150,11 +150,15 @@ def knockout_curves(sweeps: Mapping, *, title: str = "Attention knockout", y_lab
 
 
 def patching_heatmap(result, component: str, *, recovered: bool = True, title: str | None = None) -> View:
-    """Layer x modality-set heatmap of a patching result (fraction of the clean-corrupted gap recovered)."""
+    """Layer x modality-set heatmap of a patching result (fraction of the clean-corrupted gap recovered); an
+    :class:`~av_lens.analysis.attribution.AttributionResult` is drawn the same way, titled by its method."""
     m = result.recovered(component) if recovered else result[component]
     if m.ndim == 3:  # per head: mean over heads
         m = m.mean(1)
-    title = title or f"Patching {component}: {'fraction recovered' if recovered else 'metric'}"
+    how = getattr(result, "method", "Patching")
+    title = title or f"{how} {component}: {'fraction recovered' if recovered else 'metric'}"
+    if how != "Patching" and title == f"{how} {component}: fraction recovered":
+        title += " (estimated)"
     return View(heatmap(m, [f"layer {l}" for l in result.layers], result.sets, title=title), title)
 
 

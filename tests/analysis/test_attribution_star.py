@@ -156,3 +156,94 @@ def test_edge_ig_converges_to_path_patching_as_steps_grow(sharp, media):
         edge_attribution(model, clean, corrupted, metric, ig_steps=2, ig_path="edges", **kw)
     with pytest.raises(InputError, match="needs ig_steps"):
         edge_attribution(model, clean, corrupted, metric, ig_path="edge", **kw)
+
+
+def _organism_pairs(model, n_pairs, seed):
+    """The picture counterfactuals of test_attribution's organism table: same sound, another object's frames."""
+    import numpy as np
+
+    from av_lens.organism import world
+    from av_lens.organism.evaluate import clip_inputs
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_pairs):
+        a = int(rng.integers(8))
+        b = (a + 1 + int(rng.integers(7))) % 8
+        sound = world.sound(a, rng)
+        clean = clip_inputs(model, [world.Clip(a, a, world.frames(a, rng), sound)], "hear", "av")
+        corrupted = clip_inputs(model, [world.Clip(b, a, world.frames(b, rng), sound)], "hear", "av")
+        ta, tb = model.tokenizer.convert_tokens_to_ids([world.SOUNDS[a], world.SOUNDS[b]])
+        out.append((clean, corrupted, lambda logits, ta=ta, tb=tb: (logits[:, -1, ta] - logits[:, -1, tb]).mean()))
+    return out
+
+
+def organism_atp_star_vs_patching(n_pairs=6, seed=3):
+    """Per pair: q/k nodes (layer x head x set) — Spearman rho and mean |error| of plain AtP and of AtP's
+    recomputed patterns against exact patching; resid_pre / attn_out / mlp_out nodes — rho of GradDrop's
+    magnitudes and of |AtP| against |exact|, and how many of exact patching's 10 largest nodes each puts in its
+    own 10 largest."""
+    from av_lens import HookedAVTransformer
+    from test_attribution import _ranks
+
+    model = HookedAVTransformer.from_pretrained("av-lens/organism")
+    rho = lambda a, b: float(torch.corrcoef(torch.stack([_ranks(a), _ranks(b)]))[0, 1])  # noqa: E731
+    top = lambda x: set(x.abs().argsort(descending=True)[:10].tolist())  # noqa: E731
+    rows = []
+    for clean, corrupted, metric in _organism_pairs(model, n_pairs, seed):
+        comps = ("resid_pre", "attn_out", "mlp_out")
+        plain = attribution_patch(model, clean, corrupted, metric, components=comps + ("q", "k"), sets=SETS)
+        star = attribution_patch(model, clean, corrupted, metric, components=comps + ("q", "k"), sets=SETS,
+                                 recompute_qk=True, grad_drop=True)
+        ex = patch_by_modality(model, clean, corrupted, metric, components=comps + ("q", "k"), sets=SETS,
+                               progress=False)
+        E = torch.cat([(ex[c] - ex.corrupted).flatten() for c in ("q", "k")])
+        P = torch.cat([plain.effect(c).flatten() for c in ("q", "k")])
+        S = torch.cat([star.effect(c).flatten() for c in ("q", "k")])
+        En = torch.cat([(ex[c] - ex.corrupted).flatten() for c in comps])
+        An = torch.cat([plain.effect(c).flatten() for c in comps])
+        Gn = torch.cat([star.magnitude(c).flatten() for c in comps])
+        rows.append({"qk_rho_atp": rho(P, E), "qk_rho_star": rho(S, E),
+                     "qk_err_atp": float((P - E).abs().mean()), "qk_err_star": float((S - E).abs().mean()),
+                     "qk_top10_atp": len(top(P) & top(E)), "qk_top10_star": len(top(S) & top(E)),
+                     "node_rho_abs_atp": rho(An.abs(), En.abs()), "node_rho_graddrop": rho(Gn, En.abs()),
+                     "node_top10_atp": len(top(An) & top(En)), "node_top10_graddrop": len(top(Gn) & top(En))})
+    return rows
+
+
+def organism_edges_vs_path_patching(seed=3, steps=(1, 2, 4, 8)):
+    """First pair of the table: every (layer, head, {audio, video, text} -> last prompt) edge; mean and max
+    |error| against exact path patching of EAP, input-path EAP-IG and per-edge IG at each step count."""
+    from av_lens import HookedAVTransformer
+    from av_lens.analysis.attribution import edge_attribution
+    from av_lens.analysis.patching import path_patch
+
+    model = HookedAVTransformer.from_pretrained("av-lens/organism")
+    clean, corrupted, metric = _organism_pairs(model, 1, seed)[0]
+    kw = dict(senders=SETS, receivers=("last_prompt",))
+    eap = edge_attribution(model, clean, corrupted, metric, **kw)
+    exact = torch.stack([path_patch(model, clean, corrupted, metric, s, "last_prompt", heads_per_layer=True)
+                         for s in SETS], -1)[..., None] - eap.corrupted
+    err = lambda r: (float((r.effects - exact).abs().mean()), float((r.effects - exact).abs().max()))  # noqa: E731
+    out = {"exact_max": float(exact.abs().max()), "EAP": err(eap)}
+    for k in steps:
+        out[f"EAP-IG {k}"] = err(edge_attribution(model, clean, corrupted, metric, ig_steps=k, **kw))
+        out[f"edge IG {k}"] = err(edge_attribution(model, clean, corrupted, metric, ig_steps=k, ig_path="edge", **kw))
+    return out
+
+
+def test_attribution_results_as_tidy_frames_and_patching_heatmaps(model, media):
+    from av_lens import views
+
+    clean, corrupted = _pair(model, media)
+    res = attribution_patch(model, clean, corrupted, _metric, components=("resid_pre", "z", "k"), sets=SETS,
+                            grad_drop=True)
+    df = res.to_frame()
+    L, H, KV = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_key_value_heads
+    assert len(df) == L * 3 + L * H * 3 + L * KV * 3
+    row = df[(df.component == "z") & (df.layer == 1) & (df["index"] == 2) & (df.set == "video")].iloc[0]
+    assert row.effect == pytest.approx(float(res.effect("z")[1, 2, 1])) and row.unit == "head"
+    assert row.grad_drop == pytest.approx(float(res.magnitude("z")[1, 2, 1]))
+    assert set(df[df.component == "k"].unit) == {"kv_head"} and set(df[df.component == "resid_pre"]["index"]) == {-1}
+    html = views.patching_heatmap(res, "resid_pre")._repr_html_()
+    assert "AtP + GradDrop resid_pre: fraction recovered (estimated)" in html
