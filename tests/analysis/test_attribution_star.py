@@ -247,3 +247,16 @@ def test_attribution_results_as_tidy_frames_and_patching_heatmaps(model, media):
     assert set(df[df.component == "k"].unit) == {"kv_head"} and set(df[df.component == "resid_pre"]["index"]) == {-1}
     html = views.patching_heatmap(res, "resid_pre")._repr_html_()
     assert "AtP + GradDrop resid_pre: fraction recovered (estimated)" in html
+
+
+@pytest.mark.slow
+def test_atp_star_and_edge_ig_on_the_organism():
+    """docs/analysis.md's AtP* and edge tables: recomputing q/k patterns never makes the estimate worse and ranks
+    q/k nodes well; per-edge IG converges to path patching while EAP-IG does not."""
+    rows = organism_atp_star_vs_patching()
+    assert all(r["qk_err_star"] <= r["qk_err_atp"] + 1e-4 for r in rows), rows
+    assert min(r["qk_rho_star"] for r in rows) >= 0.8 and min(r["qk_top10_star"] for r in rows) >= 8, rows
+    e = organism_edges_vs_path_patching()
+    errs = [e[f"edge IG {k}"][0] for k in (1, 2, 4, 8)]
+    assert all(a > b for a, b in zip(errs, errs[1:])) and errs[-1] < 0.05 * e["EAP"][0], e
+    assert min(e[f"EAP-IG {k}"][0] for k in (1, 2, 4, 8)) > errs[0], e
