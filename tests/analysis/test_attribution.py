@@ -111,15 +111,21 @@ def organism_atp_vs_patching(n_pairs=4, seed=3):
         A = torch.cat([atp.effect(c).flatten() for c in comps])
         E = torch.cat([(ex[c] - ex.corrupted).flatten() for c in comps])
         top = lambda x: set(x.abs().flatten().argsort(descending=True)[:10].tolist())  # noqa: E731
+        part = lambda cs, r: torch.cat([(atp.effect(c) if r is atp else r[c] - r.corrupted).flatten()  # noqa: E731
+                                        for c in cs])
         rows.append({"rho": rho(A, E), "rho_abs": rho(A.abs(), E.abs()),
+                     "rho_resid_pre": rho(part(("resid_pre",), atp), part(("resid_pre",), ex)),
+                     "rho_attn_mlp": rho(part(("attn_out", "mlp_out"), atp), part(("attn_out", "mlp_out"), ex)),
+                     "rho_heads": rho(part(("z",), atp), part(("z",), ex)),
                      "top10_heads": len(top(atp.effect("z")) & top(ex["z"] - ex.corrupted))})
     return rows
 
 
 @pytest.mark.slow
 def test_atp_ranks_nodes_like_patching_on_the_organism():
-    rows = organism_atp_vs_patching()
+    rows = organism_atp_vs_patching(n_pairs=6)
     assert min(r["rho_abs"] for r in rows) >= 0.85, rows
+    assert min(r["rho_attn_mlp"] for r in rows) >= 0.9 and min(r["rho_heads"] for r in rows) >= 0.9, rows
     assert min(r["top10_heads"] for r in rows) >= 7, rows
 
 
