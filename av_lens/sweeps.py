@@ -576,18 +576,22 @@ def run(args, log: Callable[[str], None] = print) -> list[dict] | None:
         return _run_atp(args, model, samples, rank, world, out, log)
     check_knockouts_match(knockouts, samples)
     items = study_items(n, windows, conditions=tuple(c.strip() for c in args.conditions.split(",")), knockouts=knockouts)
-    spec = {"model": args.model, "samples": args.manifest or f"organism_pairs(n={args.pairs}, seed={args.seed}, "
-                                                             f"question={args.question!r})",
+    spec = {"model": args.model, "samples": _samples_spec(args),
             "n_samples": n, "windows": [f"{w.start}:{w.stop}" for w in windows], "knockouts": [list(k) for k in knockouts],
             "conditions": args.conditions, "max_new_tokens": args.max_new_tokens, "dtype": args.dtype}
     check_spec(out, spec, rank)
     run_shard(model, samples, items, out, rank, world, max_new_tokens=args.max_new_tokens, log=log,
               progress=not getattr(args, "quiet", True))
+    return _finish(out, items, rank, world, log, "rows")
+
+
+def _finish(out: Path, items, rank: int, world: int, log, what: str) -> list[dict] | None:
+    """Barrier, then the gather on rank 0 (None elsewhere)."""
     barrier(world)
     if rank != 0:
         return None
     table = gather(out, items)
-    log(f"sweep: {len(table)} rows from {world} rank(s) -> {out / TABLE}")
+    log(f"sweep: {len(table)} {what} from {world} rank(s) -> {out / TABLE}")
     return table
 
 
@@ -607,9 +611,4 @@ def _run_atp(args, model, samples, rank: int, world: int, out: Path, log) -> lis
     run_shard(model, samples, items, out, rank, world, max_new_tokens=args.max_new_tokens, log=log,
               progress=not getattr(args, "quiet", True),
               atp={"components": comps, "metric": args.atp_metric, "star": bool(args.atp_star)})
-    barrier(world)
-    if rank != 0:
-        return None
-    table = gather(out, items)
-    log(f"sweep: {len(table)} attribution rows from {world} rank(s) -> {out / TABLE}")
-    return table
+    return _finish(out, items, rank, world, log, "attribution rows")

@@ -86,17 +86,13 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return r
 
 
-def organism_atp_vs_patching(n_pairs=4, seed=3):
-    """Per clip pair (same sound, another picture): Spearman rho between AtP and exact patching over the 36
-    resid_pre / attn_out / mlp_out x layer x set nodes, signed and by magnitude, and the top-10 head overlap."""
-    from av_lens import HookedAVTransformer
+def _organism_pairs(model, n_pairs, seed):
+    """The picture counterfactuals of test_attribution's organism table: same sound, another object's frames."""
     from av_lens.organism import world
     from av_lens.organism.evaluate import clip_inputs
 
-    model = HookedAVTransformer.from_pretrained("av-lens/organism")
     rng = np.random.default_rng(seed)
-    rho = lambda a, b: float(torch.corrcoef(torch.stack([_ranks(a), _ranks(b)]))[0, 1])  # noqa: E731
-    rows = []
+    out = []
     for _ in range(n_pairs):
         a = int(rng.integers(8))
         b = (a + 1 + int(rng.integers(7))) % 8
@@ -104,7 +100,20 @@ def organism_atp_vs_patching(n_pairs=4, seed=3):
         clean = clip_inputs(model, [world.Clip(a, a, world.frames(a, rng), sound)], "hear", "av")
         corrupted = clip_inputs(model, [world.Clip(b, a, world.frames(b, rng), sound)], "hear", "av")
         ta, tb = model.tokenizer.convert_tokens_to_ids([world.SOUNDS[a], world.SOUNDS[b]])
-        metric = lambda logits: (logits[:, -1, ta] - logits[:, -1, tb]).mean()  # noqa: E731
+        out.append((clean, corrupted, lambda logits, ta=ta, tb=tb: (logits[:, -1, ta] - logits[:, -1, tb]).mean()))
+    return out
+
+
+def organism_atp_vs_patching(n_pairs=4, seed=3):
+    """Per clip pair (same sound, another picture): Spearman rho between AtP and exact patching over the 36
+    resid_pre / attn_out / mlp_out x layer x set nodes, signed and by magnitude, per component group, and the
+    top-10 head overlap."""
+    from av_lens import HookedAVTransformer
+
+    model = HookedAVTransformer.from_pretrained("av-lens/organism")
+    rho = lambda a, b: float(torch.corrcoef(torch.stack([_ranks(a), _ranks(b)]))[0, 1])  # noqa: E731
+    rows = []
+    for clean, corrupted, metric in _organism_pairs(model, n_pairs, seed):
         comps = ("resid_pre", "attn_out", "mlp_out")
         atp = attribution_patch(model, clean, corrupted, metric, components=comps + ("z",), sets=SETS)
         ex = patch_by_modality(model, clean, corrupted, metric, components=comps + ("z",), sets=SETS, progress=False)

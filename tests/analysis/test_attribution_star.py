@@ -10,7 +10,7 @@ import torch
 from av_lens.analysis.attribution import attribution_patch
 from av_lens.analysis.patching import patch_by_modality
 from av_lens.errors import InputError
-from test_attribution import SETS, _freeze_hooks, _metric, _pair
+from test_attribution import SETS, _freeze_hooks, _metric, _organism_pairs, _pair
 
 
 def _pin_all_but(model, inputs, layer):
@@ -156,26 +156,6 @@ def test_edge_ig_converges_to_path_patching_as_steps_grow(sharp, media):
         edge_attribution(model, clean, corrupted, metric, ig_steps=2, ig_path="edges", **kw)
     with pytest.raises(InputError, match="needs ig_steps"):
         edge_attribution(model, clean, corrupted, metric, ig_path="edge", **kw)
-
-
-def _organism_pairs(model, n_pairs, seed):
-    """The picture counterfactuals of test_attribution's organism table: same sound, another object's frames."""
-    import numpy as np
-
-    from av_lens.organism import world
-    from av_lens.organism.evaluate import clip_inputs
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_pairs):
-        a = int(rng.integers(8))
-        b = (a + 1 + int(rng.integers(7))) % 8
-        sound = world.sound(a, rng)
-        clean = clip_inputs(model, [world.Clip(a, a, world.frames(a, rng), sound)], "hear", "av")
-        corrupted = clip_inputs(model, [world.Clip(b, a, world.frames(b, rng), sound)], "hear", "av")
-        ta, tb = model.tokenizer.convert_tokens_to_ids([world.SOUNDS[a], world.SOUNDS[b]])
-        out.append((clean, corrupted, lambda logits, ta=ta, tb=tb: (logits[:, -1, ta] - logits[:, -1, tb]).mean()))
-    return out
 
 
 def organism_atp_star_vs_patching(n_pairs=6, seed=3):
