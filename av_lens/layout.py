@@ -81,7 +81,9 @@ class MediaSpec:
     #: + 1, time in units of 1/``position_id_per_seconds`` s) or "qwen2_5_vl" (M-RoPE of the base VLM: text
     #: resumes at the block's start + max(h, w) merged patches; video time in units of
     #: 1/``position_id_per_seconds`` = 1/tokens_per_second s; images at t = start) or "1d" (Phi-4-multimodal:
-    #: every real token, text, image or audio, advances the one position axis by one; pads sit at 0)
+    #: every real token, text, image or audio, advances the one position axis by one; pads sit at 0) or
+    #: "video_salmonn2" (video-SALMONN-2+: Qwen2.5-VL's M-RoPE with audio inside ``<|vision_start|>`` blocks, see
+    #: :meth:`_SampleBuilder._salmonn_av_block`; audio items' token counts in ``audio_token_counts``)
     rope_rules: str = "qwen2_5_omni"
 
     #: > 0 (Qwen3-Omni): audio is encoded in chunks of 2 * audio_n_window mel frames, 13 tokens per full chunk
@@ -400,6 +402,81 @@ class _SampleBuilder:
         self.next_pos = last_max + 3
         return j + 2
 
+    def _salmonn_positions_after(self, block: np.ndarray, j: int, kind: int) -> int:
+        """video-SALMONN-2+: text after an audio-carrying block resumes at the block's largest *time* position + 1
+        when no other block of that kind (``kind``: the token after ``<|vision_start|>``) follows in the sample,
+        else at its largest position on any axis + 1 (the published ``get_rope_index`` treats the last block and
+        the ones before it differently)."""
+        rest = self.ids[j:]
+        more = bool(np.any((rest[:-1] == self.tok.vision_bos) & (rest[1:] == kind))) if len(rest) > 1 else False
+        return int(block.max()) + 1 if more else int(block[0].max()) + 1
+
+    def _salmonn_av_block(self, i: int) -> int:
+        """video-SALMONN-2+'s video with its soundtrack: ``<|vision_start|>`` then, per temporal grid step, that
+        step's video tokens followed by a run of audio tokens, then ``<|vision_end|>``. Video tokens take Qwen2.5-VL
+        positions (t = floor(step * seconds_per_grid * 2), h, w); audio token k takes (k, 0, k); both offset by the
+        position after ``<|vision_start|>``, assigned in token order within each kind (so the grouping of audio
+        runs does not move any position, as in the published code)."""
+        g, grid, spg, per_t, t_index = self._video_meta()
+        ga, n_a = self._take("audio", self.media.audio_token_counts, "audio")
+        n_v = grid[0] * per_t
+        p = self.next_pos
+        start = p + 1
+        v_block = self._vision_positions(grid, t_index, start)
+        k = np.arange(n_a)
+        a_block = np.stack([k, np.zeros_like(k), k]) + start
+        lv = self._new_item(Modality.VIDEO, g, n_v, grid_thw=grid, seconds_per_grid=spg, duration_s=grid[0] * spg,
+                            with_audio=True)
+        la = self._new_item(Modality.AUDIO, ga, n_a, duration_s=n_a * self.media.audio_token_seconds or None)
+        self._marker(i, p, lv)
+        seg = self.ids[i + 1:i + 1 + n_v + n_a]
+        is_v, is_a = seg == self.tok.video, seg == self.tok.audio
+        if len(seg) != n_v + n_a or int(is_v.sum()) != n_v or int(is_a.sum()) != n_a:
+            raise LayoutError(
+                f"sample {self.sample}: video item {g} with audio item {ga} should hold {n_v} video and {n_a} audio "
+                f"tokens after its <|vision_start|> (index {i}), found {int(is_v.sum())} and {int(is_a.sum())}",
+                "build video-with-audio prompts with model.prepare(videos=[...], video_audio=[...]) (it interleaves "
+                "each grid step's audio after its video tokens), or pass the media the text was expanded for")
+        sl = slice(i + 1, i + 1 + n_v + n_a)
+        vi, ai = np.flatnonzero(is_v) + i + 1, np.flatnonzero(is_a) + i + 1
+        self.mod[vi], self.item[vi] = int(Modality.VIDEO), lv
+        self.mod[ai], self.item[ai] = int(Modality.AUDIO), la
+        self.time[vi] = np.repeat(np.arange(grid[0]) * spg, per_t)
+        self.time[ai] = k * self.media.audio_token_seconds
+        self.pos[:, vi], self.pos[:, ai] = v_block, a_block
+        j = sl.stop
+        self._expect_token(j, self.tok.vision_eos, "<|vision_end|>", f"video item {g} with audio")
+        block = np.concatenate([v_block, a_block], axis=1)
+        nxt = self._salmonn_positions_after(block, j + 1, self.tok.video)
+        self._marker(j, nxt, lv)
+        self.next_pos = nxt + 1
+        return j + 1
+
+    def _salmonn_audio_block(self, i: int) -> int:
+        """video-SALMONN-2+'s standalone audio: ``<|vision_start|>`` + audio tokens + ``<|vision_end|>``; audio token
+        k at (k, k, 0) after the start marker's position; text resumes at the block's largest position + 1."""
+        g, n = self._take("audio", self.media.audio_token_counts, "audio")
+        self._expect_run(i + 1, self.tok.audio, n, f"audio item {g}", "its windows")
+        self._expect_token(i + 1 + n, self.tok.vision_eos, "<|vision_end|>", f"audio item {g}")
+        local = self._new_item(Modality.AUDIO, g, n, duration_s=n * self.media.audio_token_seconds or None)
+        p = self.next_pos
+        self._marker(i, p, local)
+        sl = slice(i + 1, i + 1 + n)
+        k = np.arange(n)
+        self.mod[sl], self.item[sl] = int(Modality.AUDIO), local
+        self.time[sl] = k * self.media.audio_token_seconds
+        self.pos[:, sl] = np.stack([k, k, np.zeros_like(k)]) + p + 1
+        self._marker(i + 1 + n, p + n + 1, local)
+        self.next_pos = p + n + 2
+        return i + n + 2
+
+    def _salmonn_video_has_audio(self, i: int) -> bool:
+        """Whether the video block opened at index i holds audio tokens before its ``<|vision_end|>``."""
+        rest = self.ids[i + 1:]
+        end = np.flatnonzero(rest == self.tok.vision_eos)
+        body = rest[:end[0]] if len(end) else rest
+        return bool(np.any(body == self.tok.audio))
+
     def _run_1d(self, i: int) -> int:
         """A run of image or audio placeholder tokens (rope_rules "1d"): split into items by their token counts;
         positions simply continue."""
@@ -436,6 +513,11 @@ class _SampleBuilder:
             nxt = int(ids[i + 1]) if i + 1 < len(ids) else None
             if self.media.rope_rules == "1d" and t in (tok.image, tok.audio) and t >= 0:
                 i = self._run_1d(i)
+            elif self.media.rope_rules == "video_salmonn2" and t == tok.vision_bos and nxt == tok.audio:
+                i = self._salmonn_audio_block(i)
+            elif (self.media.rope_rules == "video_salmonn2" and t == tok.vision_bos and nxt == tok.video
+                  and self._salmonn_video_has_audio(i)):
+                i = self._salmonn_av_block(i)
             elif t == tok.audio_bos and nxt == tok.audio:
                 i = self._audio_block(i)
             elif t == tok.vision_bos and nxt == tok.image:
@@ -498,7 +580,10 @@ def build_layout(
         deltas[b, 0] = (sb.pos.max() + 1 - n_real) if n_real else 0
         items.extend(sb.items)
     one_d = media.rope_rules == "1d"
-    for key, seq in (("audio", media.audio_token_counts if one_d else media.audio_lengths),
+    if media.rope_rules == "video_salmonn2":
+        _check_salmonn_batch(items)
+    for key, seq in (("audio", media.audio_token_counts if one_d or media.rope_rules == "video_salmonn2"
+                      else media.audio_lengths),
                      ("image", media.image_token_counts if one_d else media.image_grid_thw),
                      ("video", media.video_grid_thw)):
         if counters[key] != len(seq):
@@ -511,6 +596,26 @@ def build_layout(
         rope_deltas=torch.from_numpy(deltas).to(torch.float32 if media.float_positions else torch.int64), prompt_len=T,
         items=tuple(items), special_names=tokens.special_names(), use_audio_in_video=media.use_audio_in_video,
     )
+
+
+def _check_salmonn_batch(items: list[MediaItem]) -> None:
+    """video-SALMONN-2+'s ``get_rope_index`` picks one branch per batch: videos with audio (every video must carry
+    its soundtrack; images and standalone audio are not handled there), vision only, or audio only. A batch that
+    mixes them would be given positions the model was never run with, so it is refused."""
+    n_av = sum(it.with_audio for it in items)  # each carries one audio item (its soundtrack)
+    av = n_av > 0
+    has = {m: any(it.modality == m and not it.with_audio for it in items) for m in (Modality.IMAGE, Modality.VIDEO)}
+    has[Modality.AUDIO] = sum(it.modality == Modality.AUDIO for it in items) > n_av
+    if av and (has[Modality.AUDIO] or has[Modality.IMAGE] or has[Modality.VIDEO]):
+        other = [n for m, n in ((Modality.AUDIO, "standalone audio"), (Modality.IMAGE, "images"),
+                                (Modality.VIDEO, "videos without audio")) if has[m]]
+        raise LayoutError(f"video-SALMONN-2+ input mixes videos with audio and {', '.join(other)}; the model's "
+                          "position rules (get_rope_index) handle videos with audio only on their own",
+                          "run videos with audio in a separate batch from images, standalone audio and silent videos")
+    if has[Modality.AUDIO] and (has[Modality.IMAGE] or has[Modality.VIDEO]):
+        raise LayoutError("video-SALMONN-2+ input mixes standalone audio with images or videos; the model's position "
+                          "rules give audio positions only in audio-only batches or as a video's soundtrack",
+                          "pass the audio as the video's soundtrack (video_audio=[...]) or run it in its own batch")
 
 
 # --------------------------------------------------------------------------------------------- layout

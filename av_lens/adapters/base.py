@@ -70,6 +70,9 @@ class Adapter:
     #: prefix-stripped checkpoint key -> the key this adapter expects, or None for a tensor deliberately skipped
     #: (applied after ``rename_prefixes``; e.g. the published phi4mm names -> transformers' names)
     key_map: Callable[[str], str | None] | None = None
+    #: config.json (as a dict) -> True when this adapter takes it although its model_type names another family
+    #: (video-SALMONN-2+ publishes a ``qwen2_5_vl`` config with an ``audio_config``); checked before model_types
+    accepts: Callable[[dict], bool] | None = None
 
     def hf_config(self, folder, raw: dict):
         """The transformers config of a checkpoint folder whose config.json is ``raw`` (no remote code run)."""
@@ -121,6 +124,9 @@ def adapters() -> Iterator[Adapter]:
 def adapter_for(config_dict: dict, where: str) -> Adapter:
     """The adapter that accepts a checkpoint's config.json (as a dict)."""
     model_type = config_dict.get("model_type")
+    for a in _REGISTRY.values():
+        if a.accepts is not None and a.accepts(config_dict):
+            return a
     for a in _REGISTRY.values():
         if model_type in a.model_types:
             return a

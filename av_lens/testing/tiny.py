@@ -182,12 +182,13 @@ def _vision_processors():
     return Qwen2VLImageProcessor(**kw), Qwen2VLVideoProcessor(**kw)
 
 
-def build_tiny_hf_vl(spec: TinySpec = TinySpec()):
+def build_tiny_hf_vl(spec: TinySpec = TinySpec(), extra_special_tokens: tuple[str, ...] = ()):
     """(transformers ``Qwen2_5_VLForConditionalGeneration``, tokenizer, processor): a tiny random base VLM whose
-    text vocabulary and special ids match :func:`build_tiny_hf_thinker`'s (so token shift can compare them)."""
+    text vocabulary and special ids match :func:`build_tiny_hf_thinker`'s (so token shift can compare them).
+    ``extra_special_tokens`` get the ids after the VL ones (video-SALMONN-2+'s ``<|audio_pad|>``)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    tok = build_tiny_tokenizer(spec.vocab_size, VL_SPECIAL_TOKENS, VL_NAMED_TOKENS)
+    tok = build_tiny_tokenizer(spec.vocab_size, VL_SPECIAL_TOKENS + list(extra_special_tokens), VL_NAMED_TOKENS)
     ids = {s: tok.convert_tokens_to_ids(s) for s in VL_SPECIAL_TOKENS}
     head_dim = spec.head_dim or spec.d_model // spec.n_heads
     if sum(spec.mrope_section) * 2 != head_dim:
