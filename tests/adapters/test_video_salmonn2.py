@@ -59,6 +59,14 @@ def published(folder):
 
 
 # --------------------------------------------------------------------------------------------- reference
+def _grid(t, gh, gw, s):
+    """A video grid's (time, height, width) offsets as the published code computes them (time in float32)."""
+    tt = (torch.arange(t).view(-1, 1).expand(-1, gh * gw) * torch.tensor(s, dtype=torch.float32) * 2).long().flatten()
+    hh = torch.arange(gh).view(1, -1, 1).expand(t, -1, gw).flatten()
+    ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, -1).flatten()
+    return torch.stack([tt, hh, ww])
+
+
 def ref_rope_index(ids, mask, *, vision_start, image, video, audio, image_grid=None, video_grid=None,
                    second_per_grid=None, audio_lengths=None, merge=2):
     """The published ``get_rope_index`` (video_SALMONN2_plus/qwenvl/model/modeling_qwen2_5_vl.py), transcribed."""
@@ -79,11 +87,7 @@ def ref_rope_index(ids, mask, *, vision_start, image, video, audio, image_grid=N
                 gh, gw = h // merge, w // merge
                 s0 = top()
                 pieces.append(torch.arange(ed - st).expand(3, -1) + s0)
-                tt = (torch.arange(t).view(-1, 1).expand(-1, gh * gw) * torch.tensor(s, dtype=torch.float32) * 2)
-                tt = tt.long().flatten()
-                hh = torch.arange(gh).view(1, -1, 1).expand(t, -1, gw).flatten()
-                ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, -1).flatten()
-                vpos = torch.stack([tt, hh, ww]) + ed - st + s0
+                vpos = _grid(t, gh, gw, s) + ed - st + s0
                 n_a = int(audio_lengths[vi])
                 k = torch.arange(n_a)
                 apos = torch.stack([k, torch.zeros_like(k), k]) + ed - st + s0
@@ -112,11 +116,7 @@ def ref_rope_index(ids, mask, *, vision_start, image, video, audio, image_grid=N
                 gh, gw = h // merge, w // merge
                 s0 = top()
                 pieces.append(torch.arange(ed - st).expand(3, -1) + s0)
-                tt = (torch.arange(t).view(-1, 1).expand(-1, gh * gw) * torch.tensor(s, dtype=torch.float32) * 2)
-                tt = tt.long().flatten()
-                hh = torch.arange(gh).view(1, -1, 1).expand(t, -1, gw).flatten()
-                ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, -1).flatten()
-                pieces.append(torch.stack([tt, hh, ww]) + ed - st + s0)
+                pieces.append(_grid(t, gh, gw, s) + ed - st + s0)
                 st = ed + t * gh * gw
             if st < len(toks):
                 pieces.append(torch.arange(len(toks) - st).expand(3, -1) + top())
