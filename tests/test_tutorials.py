@@ -70,7 +70,7 @@ class _Approx(float):
     """A printed decimal that compares equal to another within 0.01 (float sums differ between CPUs)."""
 
     def __eq__(self, other):
-        return isinstance(other, float) and abs(self - other) <= 0.01
+        return isinstance(other, float) and abs(self - other) <= 0.01 + 1e-9  # one unit in the 2nd decimal
 
     __hash__ = float.__hash__
 
