@@ -175,9 +175,10 @@ def _to_av_config(hf, tokenizer=None, **overrides) -> AVConfig:
     cfg.rope_rules = "video_salmonn2"
     cfg.position_id_per_seconds = 2  # the published get_rope_index hard-codes 2 time positions per second
     cfg.original_architecture = "video_SALMONN2_plus"
-    cfg.extra["audio_token_seconds"] = kernel_s
+    extra = dict(overrides.pop("extra", None) or {})
     for k, v in overrides.items():
         setattr(cfg, k, v)
+    cfg.extra = {**cfg.extra, **extra, "audio_token_seconds": kernel_s}
     return cfg
 
 

@@ -354,6 +354,7 @@ def test_text_between_two_audio_visual_blocks_resumes_after_the_largest_position
     ends = [i for i, x in enumerate(ids) if x == t.vision_eos]
     starts = [i for i, x in enumerate(ids) if x == t.vision_bos]
     assert inp.layout.count("audio") == 2 and inp.layout.count("video") == 8
+    assert coarse.cfg.extra["audio_token_seconds"] == 30.0  # one token per 30 s window: its time stamp step
     for s, e, last in ((starts[0], ends[0], False), (starts[1], ends[1], True)):
         p = int(pos[0, s]) + 1
         block = pos[:, s + 1:e]
