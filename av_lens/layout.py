@@ -92,8 +92,14 @@ class MediaSpec:
     #: each item's token count in processor order across the batch (adjacent items of a kind share one run)
     image_token_counts: tuple[int, ...] = ()
     audio_token_counts: tuple[int, ...] = ()
-    #: rope_rules "1d": seconds per audio token (its time stamp is k * audio_token_seconds; 0: no times)
+    #: rope_rules "1d": seconds per audio token (its time stamp is k * audio_token_seconds; 0: no times), or per
+    #: step of ``audio_step_tokens`` tokens (token k at (k // audio_step_tokens) * audio_token_seconds: BEATs)
     audio_token_seconds: float = 0.0
+    audio_step_tokens: int = 1
+    #: rope_rules "1d" (VideoLLaMA2): each video's token count, tokens per temporal step of its grid, and (in
+    #: ``video_second_per_grid``) seconds per step: token j has time stamp (j // step_tokens) * seconds
+    video_token_counts: tuple[int, ...] = ()
+    video_step_tokens: tuple[int, ...] = ()
 
     @staticmethod
     def audio_tokens(n_mel_frames: int, n_window: int = 0) -> int:
@@ -478,11 +484,13 @@ class _SampleBuilder:
         return bool(np.any(body == self.tok.audio))
 
     def _run_1d(self, i: int) -> int:
-        """A run of image or audio placeholder tokens (rope_rules "1d"): split into items by their token counts;
-        positions simply continue."""
+        """A run of image, video or audio placeholder tokens (rope_rules "1d"): split into items by their token
+        counts; positions simply continue."""
         t = int(self.ids[i])
-        kind, modality = ("image", Modality.IMAGE) if t == self.tok.image else ("audio", Modality.AUDIO)
-        counts = self.media.image_token_counts if kind == "image" else self.media.audio_token_counts
+        kind, modality = {self.tok.image: ("image", Modality.IMAGE), self.tok.video: ("video", Modality.VIDEO)}.get(
+            t, ("audio", Modality.AUDIO))
+        counts = {"image": self.media.image_token_counts, "video": self.media.video_token_counts,
+                  "audio": self.media.audio_token_counts}[kind]
         run = 0
         while i + run < len(self.ids) and self.ids[i + run] == t:
             run += 1
@@ -495,12 +503,18 @@ class _SampleBuilder:
                                   "build inputs with `model.prepare(...)` (the processor expands each placeholder to "
                                   "the right count), or pass the media that the text was expanded for")
             sec = self.media.audio_token_seconds if kind == "audio" else 0.0
-            local = self._new_item(modality, g, n, duration_s=n * sec if sec else None)
+            step = self.media.audio_step_tokens
+            times, kw = ((np.arange(n) // step) * sec, dict(duration_s=-(-n // step) * sec)) if sec else (None, {})
+            if kind == "video" and g < len(self.media.video_second_per_grid):
+                spg, step = float(self.media.video_second_per_grid[g]), int(self.media.video_step_tokens[g])
+                times = (np.arange(n) // step) * spg
+                kw = dict(seconds_per_grid=spg, duration_s=-(-n // step) * spg)
+            local = self._new_item(modality, g, n, **kw)
             sl = slice(j, j + n)
             self.mod[sl] = int(modality)
             self.item[sl] = local
-            if sec:
-                self.time[sl] = np.arange(n) * sec
+            if times is not None:
+                self.time[sl] = times
             self.pos[:, sl] = self.next_pos + np.arange(n)
             self.next_pos += n
             j += n
@@ -511,7 +525,7 @@ class _SampleBuilder:
         while i < len(ids):
             t = int(ids[i])
             nxt = int(ids[i + 1]) if i + 1 < len(ids) else None
-            if self.media.rope_rules == "1d" and t in (tok.image, tok.audio) and t >= 0:
+            if self.media.rope_rules == "1d" and t in (tok.image, tok.audio, tok.video) and t >= 0:
                 i = self._run_1d(i)
             elif self.media.rope_rules == "video_salmonn2" and t == tok.vision_bos and nxt == tok.audio:
                 i = self._salmonn_audio_block(i)
@@ -585,7 +599,7 @@ def build_layout(
     for key, seq in (("audio", media.audio_token_counts if one_d or media.rope_rules == "video_salmonn2"
                       else media.audio_lengths),
                      ("image", media.image_token_counts if one_d else media.image_grid_thw),
-                     ("video", media.video_grid_thw)):
+                     ("video", media.video_token_counts if one_d else media.video_grid_thw)):
         if counters[key] != len(seq):
             raise LayoutError(f"{len(seq)} {key} input(s) given but the text has {counters[key]} {key} placeholder "
                               f"block(s)", f"add one placeholder block per {key} input, or drop the extra {key}")

@@ -116,7 +116,8 @@ def load_pretrained(cls, name_or_path, *, dtype=torch.float32, device="cpu", mod
         model = cls(cfg, adapter, thinker_cfg, tokenizer=tokenizer, processor=processor)
     if device_map is not None:  # spread the (uninitialised) parts over devices; the weights then stream to them
         model.place(device_map)
-    _stream_weights(model, adapter, _weight_files(folder), folder)
+    files = _weight_files(folder) + [folder / n for n in adapter.pickled_files if (folder / n).exists()]
+    _stream_weights(model, adapter, files, folder)
     model.eval()
     return model
 
@@ -212,7 +213,7 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
     loaded, unexpected = set(), []
     for f in files:
         try:
-            handle = safe_open(str(f), framework="pt", device="cpu")
+            handle = _PickledWeights(f) if f.suffix in (".bin", ".pt") else safe_open(str(f), framework="pt", device="cpu")
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
             raise CheckpointError(f"cannot read {f.name} in {folder}: {e}",
                                   "the file is truncated or corrupt; download it again") from e
@@ -272,6 +273,29 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
             f"{folder} has {len(unexpected)} tensors this {adapter.name} model does not use (e.g. {unexpected[:3]})",
             "check that config.json belongs to these weights",
         )
+
+
+class _PickledWeights:
+    """A torch-pickle state dict behind safetensors' reader interface, loaded with ``weights_only=True`` (tensors
+    and containers only: no code in the file runs)."""
+
+    def __init__(self, path: Path):
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError("not a flat dict of tensors")
+        self.sd = sd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sd = {}
+
+    def keys(self):
+        return list(self.sd)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.sd[key]
 
 
 def _read(handle, key: str, f: Path) -> torch.Tensor:

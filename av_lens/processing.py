@@ -324,6 +324,36 @@ def prepare(model, text: str | Sequence[str] | None = None, *, audio=None, image
     return inp.to(model.device)
 
 
+class MediaRequest(NamedTuple):
+    """Checked media of a ``prepare`` request of a family that builds its own prompts (video-SALMONN-2+,
+    VideoLLaMA2): 16 kHz mono clips, RGB images, frame arrays, one soundtrack per video when interleaved."""
+
+    audio: list
+    images: list
+    videos: list
+    video_audio: list
+    use_audio_in_video: bool
+
+
+def media_request(audio, images, videos, video_audio, use_audio_in_video, fps, sr: int = 16000) -> MediaRequest:
+    """Check every medium (errors name the item and the fix) and the soundtrack rules of ``video_audio``."""
+    if fps is None or not 0 < fps < float("inf"):  # also refuses NaN
+        raise MediaError(f"fps must be positive, got {fps}", "pass the frame rate of the given frames (e.g. fps=2.0)")
+    if use_audio_in_video is None:
+        use_audio_in_video = video_audio is not None
+    audio = [check_audio(a, sr, f"audio[{i}]") for i, a in enumerate(_as_list(audio))]
+    video_audio = [check_audio(a, sr, f"video_audio[{i}]") for i, a in enumerate(_as_list(video_audio))]
+    images = [check_image(im, f"images[{i}]") for i, im in enumerate(_as_list(images))]
+    videos = [check_video(v, f"videos[{i}]") for i, v in enumerate(_as_list(videos))]
+    if video_audio and not use_audio_in_video:
+        raise InputError("video_audio= given with use_audio_in_video=False",
+                         "pass the soundtracks as audio=[...] (standalone clips), or drop use_audio_in_video=False")
+    if use_audio_in_video and len(video_audio) != len(videos):
+        raise MediaError(f"use_audio_in_video=True with {len(videos)} video(s) but {len(video_audio)} soundtrack(s)",
+                         "pass one waveform per video in video_audio=[...]")
+    return MediaRequest(audio, images, videos, video_audio, bool(use_audio_in_video))
+
+
 class ImageAudioRequest(NamedTuple):
     """A checked ``prepare`` request of a model family that takes images and audio but no video."""
 

@@ -443,7 +443,8 @@ CASES: list[Case] = [
                                                      "auto_map": {"AutoModel": "modeling_custom.CustomAV"}}))),
          CheckpointError, ("holds a my_custom_avllm checkpoint", "not a supported audio-visual model"),
          ("model_type is one of ['audioflamingo3', 'gemma3n', 'phi4_multimodal', 'phi4mm', 'qwen2_5_omni', "
-          "'qwen2_5_omni_thinker', 'qwen2_5_vl', 'qwen2_audio', 'qwen3_omni_moe', 'qwen3_omni_moe_thinker']",)),
+          "'qwen2_5_omni_thinker', 'qwen2_5_vl', 'qwen2_audio', 'qwen3_omni_moe', 'qwen3_omni_moe_thinker', "
+          "'videollama2_qwen2']",)),
     Case("load-phi4mm-config-incomplete", "loading",
          lambda ctx: _load(_bare_folder(ctx, "phi4mm", json.dumps({"model_type": "phi4mm", "hidden_size": 64}))),
          CheckpointError, ("this phi4mm config.json lacks 'embd_layer'",),

@@ -9,5 +9,6 @@ from av_lens.adapters.qwen2_5_vl import QWEN2_5_VL
 from av_lens.adapters.qwen2_audio import QWEN2_AUDIO
 from av_lens.adapters.qwen3_omni_moe import QWEN3_OMNI_MOE
 from av_lens.adapters.video_salmonn2 import VIDEO_SALMONN2
+from av_lens.adapters.videollama2 import VIDEOLLAMA2
 
-__all__ = ["Adapter", "adapter_for", "adapters", "register", "QWEN2_5_OMNI", "QWEN2_5_VL", "QWEN3_OMNI_MOE", "PHI4_MULTIMODAL", "GEMMA3N", "QWEN2_AUDIO", "AUDIOFLAMINGO3", "VIDEO_SALMONN2"]
+__all__ = ["Adapter", "adapter_for", "adapters", "register", "QWEN2_5_OMNI", "QWEN2_5_VL", "QWEN3_OMNI_MOE", "PHI4_MULTIMODAL", "GEMMA3N", "QWEN2_AUDIO", "AUDIOFLAMINGO3", "VIDEO_SALMONN2", "VIDEOLLAMA2"]

@@ -73,6 +73,9 @@ class Adapter:
     #: config.json (as a dict) -> True when this adapter takes it although its model_type names another family
     #: (video-SALMONN-2+ publishes a ``qwen2_5_vl`` config with an ``audio_config``); checked before model_types
     accepts: Callable[[dict], bool] | None = None
+    #: torch-pickle weight files the published release keeps beside its safetensors shards (VideoLLaMA2-AV's
+    #: ``audio_tower.bin``, ``mm_projector_a.bin``); read with ``torch.load(weights_only=True)``, never executed
+    pickled_files: tuple[str, ...] = ()
 
     def hf_config(self, folder, raw: dict):
         """The transformers config of a checkpoint folder whose config.json is ``raw`` (no remote code run)."""

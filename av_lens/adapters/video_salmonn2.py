@@ -327,26 +327,13 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
     go through the checkpoint's Qwen2.5-VL video processor (seconds per grid step = temporal_patch_size / fps),
     audio through the published Whisper feature extractor. ``chat=True``: the published template with its system
     turn and the assistant turn opened."""
-    from av_lens.processing import _as_list, _processor_for, check_audio, check_image, check_video
+    from av_lens.processing import _processor_for, media_request
 
     if processor_output is not None:
         return model.to_input(processor_output)
     proc = _processor_for(model, text)
-    if use_audio_in_video is None:
-        use_audio_in_video = video_audio is not None
-    if fps is None or not 0 < fps < float("inf"):
-        raise MediaError(f"fps must be positive, got {fps}", "pass the frame rate of the given frames (e.g. fps=2.0)")
-    sr = 16000
-    audio = [check_audio(a, sr, f"audio[{i}]") for i, a in enumerate(_as_list(audio))]
-    video_audio = [check_audio(a, sr, f"video_audio[{i}]") for i, a in enumerate(_as_list(video_audio))]
-    images = [check_image(im, f"images[{i}]") for i, im in enumerate(_as_list(images))]
-    videos = [check_video(v, f"videos[{i}]") for i, v in enumerate(_as_list(videos))]
-    if video_audio and not use_audio_in_video:
-        raise InputError("video_audio= given with use_audio_in_video=False",
-                         "pass the soundtracks as audio=[...] (standalone clips), or drop use_audio_in_video=False")
-    if use_audio_in_video and len(video_audio) != len(videos):
-        raise MediaError(f"use_audio_in_video=True with {len(videos)} video(s) but {len(video_audio)} soundtrack(s)",
-                         "pass one waveform per video in video_audio=[...]")
+    audio, images, videos, video_audio, use_audio_in_video = media_request(
+        audio, images, videos, video_audio, use_audio_in_video, fps)
     texts = [text] if isinstance(text, str) else list(text)
     tok = model.tokenizer
     s = lambda tid: tok.convert_ids_to_tokens(int(tid))
