@@ -81,9 +81,6 @@ def _to_av_config(hf, tokenizer=None, **overrides) -> AVConfig:
         raise CheckpointError(f"this VideoLLaMA2 checkpoint uses mm_projector_type={kind!r}; av_lens implements the "
                               "STC connectors of VideoLLaMA2 / 2.1", "load a VideoLLaMA2(.1) AV checkpoint "
                               "(mm_projector_type stc_connector_v35, e.g. DAMO-NLP-SG/VideoLLaMA2.1-7B-AV)")
-    if getattr(hf, "mm_audio_tower", None) is None:
-        raise CheckpointError("this VideoLLaMA2 checkpoint has no audio tower (mm_audio_tower)",
-                              "load the audio-visual release (DAMO-NLP-SG/VideoLLaMA2.1-7B-AV)")
     markers = _marker_ids(tokenizer)
     ids = _reserved_ids(int(hf.vocab_size))
     if tokenizer is not None and len(tokenizer) > ids["image"]:
@@ -95,7 +92,8 @@ def _to_av_config(hf, tokenizer=None, **overrides) -> AVConfig:
     kw = _text_model_kwargs(hf, markers, tie=bool(getattr(hf, "tie_word_embeddings", False)))
     kw.update(tokens=TokenIds(audio=ids["audio"], image=ids["image"], video=ids["video"], audio_bos=-1,
                               audio_eos=-1, vision_bos=-1, vision_eos=-1, markers=markers),
-              mrope_section=(kw["d_head"] // 2, 0, 0), modalities=("audio", "image", "video"), rope_rules="1d",
+              mrope_section=(kw["d_head"] // 2, 0, 0), rope_rules="1d",
+              modalities=("audio", "image", "video") if _has_audio(hf) else ("image", "video"),
               original_architecture="Videollama2Qwen2ForCausalLM")
     extra = dict(overrides.pop("extra", None) or {})
     kw.update(overrides)
@@ -103,6 +101,10 @@ def _to_av_config(hf, tokenizer=None, **overrides) -> AVConfig:
     cfg.extra = {**cfg.extra, **extra, "num_frames": int(getattr(hf, "num_frames", 16)),
                  "select_layer": int(getattr(hf, "mm_vision_select_layer", -2))}
     return cfg
+
+
+def _has_audio(hf) -> bool:
+    return getattr(hf, "mm_audio_tower", None) is not None
 
 
 def _vision_config(hf):
@@ -118,12 +120,15 @@ def _build_towers(hf):
     from av_lens.components.stc import STC_PADDING, AudioProjector, STCConnector
 
     vcfg = _vision_config(hf)
+    vision = {"visual": SiglipVisionModel._from_config(vcfg, attn_implementation="sdpa"),
+              "mm_projector": STCConnector(int(getattr(hf, "mm_hidden_size", vcfg.hidden_size)), int(hf.hidden_size),
+                                           padding=STC_PADDING[hf.mm_projector_type])}
+    if not _has_audio(hf):
+        return vision
     # the AudioSet classifier the published weights carry is never used: not built, its keys skipped at load
     bcfg = replace(BEATsConfig.from_dict(getattr(hf, "audio_config", None)), finetuned_model=False)
     return {
-        "visual": SiglipVisionModel._from_config(vcfg, attn_implementation="sdpa"),
-        "mm_projector": STCConnector(int(getattr(hf, "mm_hidden_size", vcfg.hidden_size)), int(hf.hidden_size),
-                                     padding=STC_PADDING[hf.mm_projector_type]),
+        **vision,
         "audio_tower": BEATsEncoder(bcfg),
         "mm_projector_a": AudioProjector(int(getattr(hf, "mm_hidden_size_a", bcfg.encoder_embed_dim)),
                                          int(getattr(hf, "hidden_size_a", hf.hidden_size)),
@@ -198,6 +203,9 @@ def input_from_processor(model, data) -> "AVInput":
     ids, mask = checked_ids_and_mask(data)
     t = lambda k: None if data.get(k) is None else torch.as_tensor(data[k])
     pv, pi, feats, spg = t("pixel_values_videos"), t("pixel_values"), t("input_features"), t("video_second_per_grid")
+    if feats is not None and "audio" not in model.cfg.modalities:
+        raise InputError("the input has audio (input_features) but this VideoLLaMA2 checkpoint has no audio tower",
+                         "drop the audio, or load the audio-visual release (VideoLLaMA2.1-7B-AV)")
     n_frames = model.cfg.extra.get("num_frames", 16)
     n_vid, per_step = video_tokens(model)
     if pv is not None and pv.shape[0] % n_frames:
@@ -212,8 +220,8 @@ def input_from_processor(model, data) -> "AVInput":
         video_second_per_grid=tuple(float(x) for x in spg.reshape(-1)),
         audio_token_counts=() if feats is None else (audio_tokens(model, feats.shape[1]),) * feats.shape[0],
         # BEATs tokens run time-major over 16 x 16 fbank patches: 8 mel patches share one 16-frame (0.16 s) step
-        audio_token_seconds=model.audio_tower.cfg.input_patch_size * 0.01,
-        audio_step_tokens=128 // model.audio_tower.cfg.input_patch_size)
+        audio_token_seconds=0.0 if feats is None else model.audio_tower.cfg.input_patch_size * 0.01,
+        audio_step_tokens=1 if feats is None else 128 // model.audio_tower.cfg.input_patch_size)
     layout = build_layout(ids, mask, model.cfg.tokens, media)
     return AVInput(input_ids=ids, attention_mask=mask.long(), layout=layout, input_features=feats,
                    pixel_values=pi, pixel_values_videos=pv, video_second_per_grid=None if pv is None else spg.float())
@@ -283,6 +291,10 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
                          "save the tokenizer with the checkpoint")
     audio, images, videos, video_audio, use_audio_in_video = media_request(
         audio, images, videos, video_audio, use_audio_in_video, fps)
+    if "audio" not in model.cfg.modalities and (audio or video_audio):
+        raise InputError(f"{model.cfg.model_name or 'this VideoLLaMA2 checkpoint'} has no audio tower (a vision-only "
+                         "release, e.g. the AV model's base VideoLLaMA2.1-7B-16F)",
+                         "drop audio= and video_audio=, or load the audio-visual release (VideoLLaMA2.1-7B-AV)")
     nf = model.cfg.extra.get("num_frames", 16)
     out: dict = {}
     if videos:
@@ -381,4 +393,12 @@ VIDEOLLAMA2 = register(Adapter(
     config_from_dict=config_from_dict,
     key_map=_rename,
     pickled_files=("audio_tower.bin", "mm_projector_a.bin"),
+))
+
+#: the vision-only releases (VideoLLaMA2.1-7B-16F, the AV model's base, for token shift): no mm_audio_tower in
+#: config.json, so no audio tower, no projector and no pickles
+VIDEOLLAMA2_BASE = register(replace(
+    VIDEOLLAMA2, name="videollama2_base", model_types=(),
+    accepts=lambda raw: raw.get("model_type") == "videollama2_qwen2" and not raw.get("mm_audio_tower"),
+    towers={"visual": "visual.", "mm_projector": "mm_projector."}, pickled_files=(),
 ))

@@ -78,8 +78,11 @@ def build_parts(spec: TinyVideoLLaMA2Spec = TinyVideoLLaMA2Spec()):
     return lm, tok, parts
 
 
-def save_tiny_videollama2(folder: str | os.PathLike, spec: TinyVideoLLaMA2Spec = TinyVideoLLaMA2Spec()) -> Path:
-    """Write a tiny VideoLLaMA2-AV folder in the published layout (shards + two pickles + config.json)."""
+def save_tiny_videollama2(folder: str | os.PathLike, spec: TinyVideoLLaMA2Spec = TinyVideoLLaMA2Spec(),
+                          audio: bool = True) -> Path:
+    """Write a tiny VideoLLaMA2-AV folder in the published layout (shards + two pickles + config.json);
+    ``audio=False``: the vision-only release (no audio tower, projector, pickles or mm_audio fields), with the same
+    language model, vision tower and connector weights (the AV model's base, for token shift)."""
     from safetensors.torch import load_file, save_file
 
     folder = Path(folder)
@@ -94,7 +97,8 @@ def save_tiny_videollama2(folder: str | os.PathLike, spec: TinyVideoLLaMA2Spec =
         tensors.update({prefix + k: v.contiguous() for k, v in parts[prefix].state_dict().items()})
     save_file(tensors, files[0], metadata={"format": "pt"})
     for prefix, name in (("model.audio_tower.", "audio_tower.bin"), ("model.mm_projector_a.", "mm_projector_a.bin")):
-        torch.save({prefix + k: v for k, v in parts[prefix].state_dict().items()}, folder / name)
+        if audio:
+            torch.save({prefix + k: v for k, v in parts[prefix].state_dict().items()}, folder / name)
     cfg_path = folder / "config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.update(model_type="videollama2_qwen2", architectures=["Videollama2Qwen2ForCausalLM"],
@@ -103,5 +107,8 @@ def save_tiny_videollama2(folder: str | os.PathLike, spec: TinyVideoLLaMA2Spec =
                num_frames=spec.num_frames, mm_audio_tower="BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt",
                mm_projector_a_type="mlp2x_gelu", mm_hidden_size_a=spec.d_beats, hidden_size_a=spec.d_model,
                vision_config=vision_config(spec), audio_config=audio_config(spec))
+    if not audio:
+        for k in ("mm_audio_tower", "mm_projector_a_type", "mm_hidden_size_a", "hidden_size_a", "audio_config"):
+            del cfg[k]
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return folder

@@ -16,7 +16,7 @@ import torch
 
 from av_lens import CheckpointError, HookedAVTransformer, InputError
 from av_lens.adapters.videollama2 import frame_sample
-from av_lens.analysis import attention_flow, knockout_hooks, logit_lens, patch_by_modality, path_patch
+from av_lens.analysis import attention_flow, knockout_hooks, logit_lens, patch_by_modality, path_patch, token_shift
 from av_lens.components.beats import BEATsConfig, BEATsEncoder, beats_fbank
 from av_lens.components.stc import AudioProjector, STCConnector
 from av_lens.testing.tiny_videollama2 import TinyVideoLLaMA2Spec, audio_config, save_tiny_videollama2, vision_config
@@ -293,3 +293,23 @@ def test_every_analysis_tool_runs(vl2, media):
     pp = path_patch(vl2, inp, other, metric, senders="audio", receivers="last_prompt", layers=[0, 1])
     assert pp.shape == (2,) and torch.isfinite(pp).all()
     assert "mm_projector.hook_sampler_out" in cache and "audio_encoder.blocks.1.hook_out" in cache
+
+
+def test_token_shift_against_the_vision_only_base(vl2, folder, tmp_path, media):
+    """The AV model against its vision-only base (same LM, tower and connector here): no audio modality, audio
+    refused; on a video-only input the shift's ranks equal a brute-force recomputation from the base's logits and,
+    with identical language models, every answer token keeps rank 1 exactly where the AV model put it first."""
+    base = HookedAVTransformer.from_pretrained(save_tiny_videollama2(tmp_path / "base", audio=False))
+    assert base.adapter.name == "videollama2_base" and base.cfg.modalities == ("image", "video")
+    assert not hasattr(base, "audio_tower")
+    with pytest.raises(InputError, match="no audio tower"):
+        base.prepare("Describe.", videos=[media["video"]], video_audio=[media["wav5"]])
+    kw = cases(media)["video"]
+    inp, base_inp = vl2.prepare(**kw), base.prepare(**kw)
+    assert torch.equal(inp.input_ids, base_inp.input_ids)
+    tokens = vl2.generate(inp, max_new_tokens=5, stop_at_eos=False).new_tokens[0]
+    res = token_shift(vl2, base, inp, base_inp, output_tokens=tokens, eos_token_ids=())
+    with torch.no_grad():
+        lb = base(base_inp.extend(tokens[None]))[0, base_inp.shape[1] - 1: base_inp.shape[1] - 1 + len(tokens)]
+    ranks = [int((lb[j] > lb[j, tokens[j]]).sum()) + 1 for j in range(len(tokens))]
+    assert res.ranks.tolist() == ranks == [1] * len(tokens)
