@@ -245,6 +245,8 @@ def _stream_weights(model, adapter, files: list[Path], folder: Path) -> None:
                 if ours is None:
                     unexpected.append(key)
                     continue
+                if ours in loaded and f.suffix in (".bin", ".pt"):
+                    continue  # a side pickle (VideoLLaMA2-AV's stage-2 audio tower) never overrides the shards
                 src = _read(handle, key, f)
                 dst = targets[ours] if row is None else targets[ours][row]
                 if tuple(src.shape) != tuple(dst.shape):

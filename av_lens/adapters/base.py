@@ -74,7 +74,8 @@ class Adapter:
     #: (video-SALMONN-2+ publishes a ``qwen2_5_vl`` config with an ``audio_config``); checked before model_types
     accepts: Callable[[dict], bool] | None = None
     #: torch-pickle weight files the published release keeps beside its safetensors shards (VideoLLaMA2-AV's
-    #: ``audio_tower.bin``, ``mm_projector_a.bin``); read with ``torch.load(weights_only=True)``, never executed
+    #: ``audio_tower.bin``, ``mm_projector_a.bin``); read with ``torch.load(weights_only=True)``, never executed, and
+    #: only for tensors the shards lack (where both hold one, the shards' is loaded)
     pickled_files: tuple[str, ...] = ()
 
     def hf_config(self, folder, raw: dict):

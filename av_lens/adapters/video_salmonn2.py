@@ -307,6 +307,24 @@ def audio_chunks(model, wav: np.ndarray) -> Tensor:
                         for p in pieces])
 
 
+#: the published inference settings (inference.py prepare_dataset; qwenvl/data/dataset.py video_torchcodec and
+#: process_video_frames): frames every 0.1 s, 16..768 of them, 61,250 pixels per frame scaled up for short videos
+BASE_INTERVAL, MIN_FRAMES, MAX_FRAMES, FRAME_PIXELS, MIN_FRAME_PIXELS = 0.1, 16, 768, 61250, 4 * 28 * 28
+
+
+def sample_frames(frames: np.ndarray, fps: float) -> tuple[np.ndarray, float, dict]:
+    """The published frame sampling and per-frame pixel budget for a video of ``len(frames)`` frames at ``fps``:
+    round(duration / 0.1) frames clamped to 16..768, at ``np.linspace(0, n - 1, k).astype(int)`` (duplicates
+    dropped), their rate k / duration, and max_pixels = 61,250 x 0.95 x 768 / k (61,250 at 768 frames), min_pixels
+    3,136. Returns (frames, rate, the video processor's ``size``)."""
+    duration = len(frames) / fps
+    k = min(max(round(duration / BASE_INTERVAL), MIN_FRAMES), MAX_FRAMES)
+    idx = np.unique(np.linspace(0, len(frames) - 1, k, dtype=int))
+    pixels = FRAME_PIXELS * (0.95 * MAX_FRAMES / len(idx) if len(idx) < MAX_FRAMES else 1.0)
+    return np.asarray(frames)[idx], len(idx) / duration, {"shortest_edge": MIN_FRAME_PIXELS,
+                                                           "longest_edge": int(pixels)}
+
+
 def split_into_groups(n_audio: int, grid_t: int, seconds_per_grid: float) -> list[int]:
     """Audio tokens after each temporal grid step of a video (the published ``split_into_groups`` with
     seconds per grid): step k gets floor((k+1) s 2) - floor(k s 2) tokens, the last step all that remain."""
@@ -326,7 +344,10 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
     ``video_audio`` (the default when given) each video carries its soundtrack interleaved per grid step. Frames
     go through the checkpoint's Qwen2.5-VL video processor (seconds per grid step = temporal_patch_size / fps),
     audio through the published Whisper feature extractor. ``chat=True``: the published template with its system
-    turn and the assistant turn opened."""
+    turn and the assistant turn opened. Videos are resampled as the published inference samples a file
+    (:func:`sample_frames`: a frame every 0.1 s, 16..768 frames, a pixel budget by frame count); pass frames at
+    10 fps or more for that to hold, or ``processor_kwargs={"published_sampling": False}`` to use the frames and
+    the checkpoint's processor sizes as given."""
     from av_lens.processing import _processor_for, media_request
 
     if processor_output is not None:
@@ -340,12 +361,24 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
     t = model.cfg.tokens
     bos, eos, vpad, ipad, apad = s(t.vision_bos), s(t.vision_eos), s(t.video), s(t.image), s(t.audio)
     out: dict = {}
+    opts = dict(processor_kwargs or {})
+    published = bool(opts.pop("published_sampling", True))
+    if opts:
+        raise InputError(f"unknown processor_kwargs {sorted(opts)} for video-SALMONN-2+",
+                         "video-SALMONN-2+'s prepare takes processor_kwargs={'published_sampling': True | False}")
     if videos:
         vp = proc.video_processor
-        md = [{"fps": float(fps), "total_num_frames": len(v), "frames_indices": list(range(len(v)))} for v in videos]
-        vdata = vp(videos=videos, video_metadata=md, do_sample_frames=False, return_tensors="pt")
-        out["pixel_values_videos"], out["video_grid_thw"] = vdata["pixel_values_videos"], vdata["video_grid_thw"]
-        out["second_per_grid_ts"] = torch.tensor([vp.temporal_patch_size / float(fps)] * len(videos))
+        pix, grids, spg = [], [], []
+        for v in videos:
+            v, rate, size = sample_frames(v, float(fps)) if published else (v, float(fps), None)
+            md = [{"fps": rate, "total_num_frames": len(v), "frames_indices": list(range(len(v)))}]
+            kw = {"size": size} if size is not None else {}
+            vdata = vp(videos=[v], video_metadata=md, do_sample_frames=False, return_tensors="pt", **kw)
+            pix.append(vdata["pixel_values_videos"])
+            grids.append(vdata["video_grid_thw"])
+            spg.append(vp.temporal_patch_size / rate)
+        out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(pix), torch.cat(grids)
+        out["second_per_grid_ts"] = torch.tensor(spg)
     if images:
         idata = proc.image_processor(images=images, return_tensors="pt")
         out["pixel_values"], out["image_grid_thw"] = idata["pixel_values"], idata["image_grid_thw"]
@@ -394,8 +427,7 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
         sp = SYSTEM_PROMPT if system_prompt == "default" else system_prompt
         sys_turn = f"<|im_start|>system\n{sp}<|im_end|>\n" if sp else ""
         filled = [f"{sys_turn}<|im_start|>user\n{x}<|im_end|>\n<|im_start|>assistant\n" for x in filled]
-    enc = tok(filled, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
-              **(processor_kwargs or {}))
+    enc = tok(filled, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
     return input_from_processor(model, out).to(model.device)
 

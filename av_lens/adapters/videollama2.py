@@ -10,9 +10,11 @@
   patches per frame, ``num_frames`` (16) frames per video, then the STC connector v35
   (:mod:`av_lens.components.stc`): 8 x 13 x 13 = 1,352 tokens per video. An image is repeated to ``num_frames``
   frames first, so it costs the same.
-* **Audio**: BEATs (:mod:`av_lens.components.beats`) on the Kaldi fbank of 30 s (shorter clips zero-padded; the
-  published code crops longer ones at a random start, av_lens at the start, with a warning), rounded to bf16 as the
-  published preprocessing does, then ``mm_projector_a`` (Linear-GELU-Linear): 187 x 8 = 1,496 tokens per clip.
+* **Audio**: BEATs (:mod:`av_lens.components.beats`) on a Kaldi fbank of 30 s rounded to bf16 as the published
+  preprocessing does, then ``mm_projector_a`` (Linear-GELU-Linear): 187 x 8 = 1,496 tokens per clip. A standalone
+  clip (``process_audio_file``) is zero-padded to 30 s (longer: cropped at a random start in the published code, at
+  the start here, with a warning); a video's soundtrack (``process_audio_from_video``) is read as 8 clips of 2 s
+  spread evenly over it (pytorchvideo's ``ConstantClipsPerVideoSampler``), joined (16 s) and zero-padded to 30 s.
 * **Prompt** (``mm_infer``): the Qwen2 chat format (its default system turn), the user turn ``<video>\\n`` + text.
   One ``<video>`` placeholder takes the video's tokens *then its soundtrack's* (``torch.cat([video, audio])``);
   ``<audio>`` a standalone clip, ``<image>`` an image. The published code splices features at a negative token id;
@@ -21,8 +23,11 @@
   id, a modality tag and a time stamp (video: the first frame of the token's 2-frame step; audio: 0.16 s per
   16-frame time patch).
 * **Frames** (``process_video``, ``frame_sample``): ``num_frames`` frames sampled uniformly (the middle of each of
-  ``num_frames`` equal segments); fewer frames are padded with black frames as published (with a warning); each
-  frame padded to a square with the image mean colour and resized to 384 x 384 by a SigLIP image processor.
+  ``num_frames`` equal segments), as the published code samples a video file (a frame *array* it would take whole,
+  up to 32 frames); fewer frames are padded with black frames as published (with a warning); each frame resized to
+  384 x 384 by a SigLIP image processor — squashed, as the released ``model_init`` binds ``aspect_ratio=None``, or
+  padded to a square with the image-mean colour first with ``processor_kwargs={"aspect_ratio": "pad"}`` (training's
+  ``--image_aspect_ratio pad``).
 
 Checkpoint keys: the shards' ``model.embed_tokens`` / ``model.layers.*`` / ``model.norm`` / ``lm_head`` (Qwen2),
 ``model.vision_tower.vision_tower.vision_model.*`` (SigLIP, as transformers 4 named its modules; transformers 5's
@@ -257,12 +262,20 @@ def _square(frame: np.ndarray, mean) -> np.ndarray:
     return out
 
 
-def _pixels(model, frames: list[np.ndarray]) -> Tensor:
+def _pixels(model, frames: list[np.ndarray], aspect_ratio: str | None) -> Tensor:
+    """Frames through the SigLIP processor; ``aspect_ratio="pad"`` pads each to a square first (training's
+    ``--image_aspect_ratio pad``), None squashes them to the square input as the released ``model_init`` does."""
     ip = _image_processor(model)
-    return ip(images=[_square(f, ip.image_mean) for f in frames], return_tensors="pt")["pixel_values"]
+    if aspect_ratio not in (None, "pad"):
+        raise InputError(f"aspect_ratio={aspect_ratio!r}", "pass processor_kwargs={'aspect_ratio': None} (the released "
+                         "inference: frames squashed to a square) or {'aspect_ratio': 'pad'} (training's padding)")
+    frames = [_square(f, ip.image_mean) for f in frames] if aspect_ratio == "pad" else frames
+    return ip(images=frames, return_tensors="pt")["pixel_values"]
 
 
 def _fbank(wav: np.ndarray, what: str) -> Tensor:
+    """A standalone clip as ``process_audio_file``: 30 s (zero-padded; longer clips cropped — at a random start in
+    the published code, at the start here, with a warning), Kaldi fbank, rounded to bf16."""
     from av_lens.components.beats import beats_fbank
 
     n = int(AUDIO_SECONDS * 16000)
@@ -272,6 +285,33 @@ def _fbank(wav: np.ndarray, what: str) -> Tensor:
         wav = wav[:n]
     wav = np.pad(wav, (0, n - len(wav)))
     return beats_fbank(torch.as_tensor(wav, dtype=torch.float32)).to(torch.bfloat16).float()
+
+
+def soundtrack_clips(n_samples: int, sr: int = 16000, clip_s: int = 2, n_clips: int = 8) -> list[tuple[int, int]]:
+    """Sample ranges of a video's soundtrack as ``process_audio_from_video`` reads it: pytorchvideo's
+    ``ConstantClipsPerVideoSampler(clip_duration=2, clips_per_video=8)`` — clip i starts at i * (duration - 2) / 7
+    (exact fractions), 2 s long, 8 clips; a video of 2 s or less gives its whole soundtrack 8 times."""
+    from fractions import Fraction
+
+    max_start = Fraction(max(n_samples / sr - clip_s, 0))  # float duration, as the published call passes it
+    step = Fraction(max_start, max(n_clips - 1, 1))
+    out, i = [], 0
+    while True:
+        start = step * i
+        out.append((int(start * sr), int((start + clip_s) * sr)))
+        i += 1
+        if i >= n_clips or step * i > max_start:
+            return out
+
+
+def _soundtrack_fbank(wav: np.ndarray) -> Tensor:
+    """A video's soundtrack as ``process_audio_from_video``: its 8 sampled 2 s clips joined (16 s at most), padded
+    to 30 s, Kaldi fbank, rounded to bf16."""
+    from av_lens.components.beats import beats_fbank
+
+    joined = np.concatenate([wav[a:b] for a, b in soundtrack_clips(len(wav))])
+    joined = np.pad(joined, (0, int(AUDIO_SECONDS * 16000) - len(joined)))
+    return beats_fbank(torch.as_tensor(joined, dtype=torch.float32)).to(torch.bfloat16).float()
 
 
 def prepare(model, text=None, *, audio=None, images=None, videos=None, video_audio=None, use_audio_in_video=None,
@@ -295,6 +335,11 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
         raise InputError(f"{model.cfg.model_name or 'this VideoLLaMA2 checkpoint'} has no audio tower (a vision-only "
                          "release, e.g. the AV model's base VideoLLaMA2.1-7B-16F)",
                          "drop audio= and video_audio=, or load the audio-visual release (VideoLLaMA2.1-7B-AV)")
+    opts = dict(processor_kwargs or {})
+    aspect = opts.pop("aspect_ratio", None)
+    if opts:
+        raise InputError(f"unknown processor_kwargs {sorted(opts)} for VideoLLaMA2",
+                         "VideoLLaMA2's prepare takes processor_kwargs={'aspect_ratio': None | 'pad'}")
     nf = model.cfg.extra.get("num_frames", 16)
     out: dict = {}
     if videos:
@@ -311,23 +356,22 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
             frames += picked
             step = float(np.mean(np.diff(idx))) if len(idx) > 1 else 1.0
             spg.append(2 * step / float(fps))  # one connector step = 2 sampled frames
-        out["pixel_values_videos"] = _pixels(model, frames)
+        out["pixel_values_videos"] = _pixels(model, frames, aspect)
         out["video_second_per_grid"] = torch.tensor(spg)
     if images:
-        out["pixel_values"] = _pixels(model, images)
-    clips = [_fbank(a, f"video_audio[{i}]") for i, a in enumerate(video_audio)] + \
-        [_fbank(a, f"audio[{i}]") for i, a in enumerate(audio)]
-    if clips:
-        out["input_features"] = torch.stack(clips)
+        out["pixel_values"] = _pixels(model, images, aspect)
+    tracks = [_soundtrack_fbank(a) for a in video_audio]
+    clips = [_fbank(a, f"audio[{i}]") for i, a in enumerate(audio)]
     t = model.cfg.tokens
     n_vid, _ = video_tokens(model)
-    n_aud = audio_tokens(model, clips[0].shape[0]) if clips else 0
+    n_aud = audio_tokens(model, (tracks + clips)[0].shape[0]) if tracks or clips else 0
     blocks = {"video": [[t.video] * n_vid + ([t.audio] * n_aud if use_audio_in_video else []) for _ in videos],
               "image": [[t.image] * n_vid for _ in images], "audio": [[t.audio] * n_aud for _ in audio]}
     tok = model.tokenizer
     texts = [text] if isinstance(text, str) else list(text)
     sp = DEFAULT_SYSTEM if system_prompt == "default" else system_prompt
     used, rows = {k: 0 for k in blocks}, []
+    fbanks = []  # in the order their tokens appear (sample by sample): the layout and the splice read them so
     for txt in texts:
         if not any(ph in txt for ph in PLACEHOLDERS.values()):
             if len(texts) > 1 and any(blocks.values()):
@@ -348,6 +392,10 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
                 raise InputError(f"the prompts hold more {PLACEHOLDERS[k]} placeholders than the {len(blocks[k])} {k} "
                                  "input(s)", f"pass one {k} per {PLACEHOLDERS[k]}")
             row += blocks[k][used[k]]
+            if k == "video" and use_audio_in_video:
+                fbanks.append(tracks[used[k]])
+            elif k == "audio":
+                fbanks.append(clips[used[k]])
             used[k] += 1
             rest = rest[pos + len(PLACEHOLDERS[k]):]
         rows.append(row + tok(rest, add_special_tokens=False)["input_ids"])
@@ -356,6 +404,8 @@ def prepare(model, text=None, *, audio=None, images=None, videos=None, video_aud
             raise InputError(f"{len(blocks[k])} {k} input(s) given but the prompts hold {n} {PLACEHOLDERS[k]}",
                              f"write one {PLACEHOLDERS[k]} per {k}, or none at all in a single prompt (media then go "
                              "first)")
+    if fbanks:
+        out["input_features"] = torch.stack(fbanks)
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out["input_ids"] = torch.tensor([[pad] * (width - len(r)) + r for r in rows])

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from av_lens import HookedAVTransformer, InputError, LayoutError
-from av_lens.adapters.video_salmonn2 import SalmonnAudioTower, key_map, split_into_groups
+from av_lens.adapters.video_salmonn2 import SalmonnAudioTower, key_map, sample_frames, split_into_groups
 from av_lens.analysis import (attention_flow, knockout_hooks, logit_lens, patch_by_modality, path_patch,
                               token_shift)
 from av_lens.layout import Modality
@@ -517,3 +517,23 @@ def test_token_shift_against_the_base_vlm(sal, media):
         lb = base(base_inp.extend(tokens[None]))[0, base_inp.shape[1] - 1: base_inp.shape[1] - 1 + len(tokens)]
     ranks = [int((lb[j] > lb[j, tokens[j]]).sum()) + 1 for j in range(len(tokens))]
     assert res.ranks.tolist() == ranks
+
+
+def test_videos_are_sampled_as_the_published_inference_samples_them(sal, media):
+    """A frame every 0.1 s, 16..768 frames at linspace positions (duplicates dropped), 61,250 x 0.95 x 768 / k pixels
+    per frame (61,250 from 768 frames), min 3,136; hand-computed cases."""
+    rng = np.random.default_rng(4)
+    v40 = rng.integers(0, 255, (40, 56, 56, 3), dtype=np.uint8)  # 2 s at 20 fps -> 20 frames at 10 fps
+    frames, rate, size = sample_frames(v40, 20.0)
+    assert len(frames) == 20 and rate == 10.0 and size == {"shortest_edge": 3136, "longest_edge": 2234400}
+    assert np.array_equal(frames, v40[np.linspace(0, 39, 20).astype(int)])
+    long = np.zeros((900, 2, 2, 3), dtype=np.uint8)  # 90 s at 10 fps -> clamped to 768 frames
+    frames, rate, size = sample_frames(long, 10.0)
+    assert len(frames) == 768 and rate == 768 / 90 and size["longest_edge"] == 61250
+    assert len(sample_frames(v40[:4], 2.0)[0]) == 4  # 2 s wants 20 frames; only 4 exist, duplicates dropped
+    inp = sal.prepare("Describe.", videos=[v40], fps=20.0)
+    assert inp.video_grid_thw[0, 0] == 10 and float(inp.video_second_per_grid[0]) == pytest.approx(0.2)
+    raw = sal.prepare("Describe.", videos=[v40], fps=20.0, processor_kwargs={"published_sampling": False})
+    assert raw.video_grid_thw[0, 0] == 20 and float(raw.video_second_per_grid[0]) == pytest.approx(0.1)
+    with pytest.raises(InputError, match="published_sampling"):
+        sal.prepare("Describe.", videos=[v40], processor_kwargs={"sampling": False})

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from av_lens import CheckpointError, HookedAVTransformer, InputError
-from av_lens.adapters.videollama2 import frame_sample
+from av_lens.adapters.videollama2 import _fbank, _soundtrack_fbank, frame_sample, soundtrack_clips
 from av_lens.analysis import attention_flow, knockout_hooks, logit_lens, patch_by_modality, path_patch, token_shift
 from av_lens.components.beats import BEATsConfig, BEATsEncoder, beats_fbank
 from av_lens.components.stc import AudioProjector, STCConnector
@@ -82,7 +82,8 @@ def published_ids(tok, prompt: str) -> list[int]:
 
 def ref_forward(ref, tok, prompt, inp, n_soundtracks=0):
     """One sample through the published splice: each tag's features (``<video>``: video then its soundtrack's, for
-    the first ``n_soundtracks`` videos) in place of the negative id, then the Qwen2 decoder on inputs_embeds."""
+    the first ``n_soundtracks`` videos) in place of the negative id, then the Qwen2 decoder on inputs_embeds. Audio
+    features are consumed in the order their tags appear (soundtracks and standalone clips alike)."""
     ids = published_ids(tok, prompt)
     nf = SPEC.num_frames
     with torch.no_grad():
@@ -96,9 +97,7 @@ def ref_forward(ref, tok, prompt, inp, n_soundtracks=0):
             feats["image"] = list(ref["stc"](hs.reshape(-1, nf, *hs.shape[1:])))
         if inp.input_features is not None:
             feats["audio"] = list(ref["proj"](ref["beats"](inp.input_features)))
-        n_av = n_soundtracks
-        audio = feats.get("audio", [])
-        soundtracks, standalone = audio[:n_av], audio[n_av:]
+        audio = iter(feats.get("audio", []))
         emb = ref["lm"].get_input_embeddings()
         parts, counters = [], {"video": 0, "image": 0, "audio": 0}
         chunk = []
@@ -110,14 +109,14 @@ def ref_forward(ref, tok, prompt, inp, n_soundtracks=0):
                 if t == -201:
                     k = counters["video"]
                     parts.append(feats["video"][k])
-                    if k < len(soundtracks):
-                        parts.append(soundtracks[k])
+                    if k < n_soundtracks:
+                        parts.append(next(audio))
                     counters["video"] += 1
                 elif t == -200:
                     parts.append(feats["image"][counters["image"]])
                     counters["image"] += 1
                 elif t == -202:
-                    parts.append(standalone[counters["audio"]])
+                    parts.append(next(audio))
                     counters["audio"] += 1
             else:
                 chunk.append(t)
@@ -313,3 +312,75 @@ def test_token_shift_against_the_vision_only_base(vl2, folder, tmp_path, media):
         lb = base(base_inp.extend(tokens[None]))[0, base_inp.shape[1] - 1: base_inp.shape[1] - 1 + len(tokens)]
     ranks = [int((lb[j] > lb[j, tokens[j]]).sum()) + 1 for j in range(len(tokens))]
     assert res.ranks.tolist() == ranks == [1] * len(tokens)
+
+
+def test_a_soundtrack_is_read_as_eight_two_second_clips(vl2, media):
+    """process_audio_from_video: 8 clips of 2 s at i * (duration - 2) / 7 (pytorchvideo's ConstantClipsPerVideoSampler),
+    joined and zero-padded to 30 s; a video under 2 s gives its whole soundtrack 8 times. Hand-computed for 10 s:
+    clip 1 starts at 8/7 s = sample 18,285.71 -> 18285."""
+    ten = soundtrack_clips(160000)
+    assert len(ten) == 8 and ten[0] == (0, 32000) and ten[1] == (18285, 50285) and ten[-1] == (128000, 160000)
+    assert soundtrack_clips(16000) == [(0, 32000)] * 8
+    assert soundtrack_clips(2 * 16000) == [(0, 32000)] * 8  # exactly 2 s: the start step is 0, so 8 copies too
+    inp = vl2.prepare(**cases(media)["video_with_audio"])
+    wav = media["wav5"]
+    joined = np.concatenate([wav[a:b] for a, b in soundtrack_clips(len(wav))])
+    assert len(joined) == 8 * 32000 - sum(32000 - (min(b, len(wav)) - a) for a, b in soundtrack_clips(len(wav)))
+    want = beats_fbank(torch.as_tensor(np.pad(joined, (0, 480000 - len(joined))))).to(torch.bfloat16).float()
+    assert torch.equal(inp.input_features[0], want)
+    assert not torch.equal(want, _fbank(wav, "x"))  # not the standalone-clip reading
+
+
+def test_audio_features_follow_their_tags_in_order(vl2, ref, media):
+    """A standalone <audio> before a <video> with a soundtrack: the first audio run holds the clip's features, the
+    second the soundtrack's (the layout and the splice read features in token order); parity with the reference."""
+    v, a_track, a_clip = media["video"], media["wav5"], media["wav3"]
+    inp = vl2.prepare("<audio>\n<video>\nCompare.", videos=[v], video_audio=[a_track], audio=[a_clip])
+    assert torch.equal(inp.input_features[0], _fbank(a_clip, "x"))
+    assert torch.equal(inp.input_features[1], _soundtrack_fbank(a_track))
+    out, _ = ref_forward(ref, vl2.tokenizer, f"{SYSTEM}<|im_start|>user\n<audio>\n<video>\nCompare.<|im_end|>\n"
+                                             "<|im_start|>assistant\n", inp, n_soundtracks=1)
+    check(vl2, out, inp)
+    batch = vl2.prepare(["<audio>\nWhat?", "<video>\nWhat?"], videos=[v], video_audio=[a_track], audio=[a_clip])
+    assert torch.equal(batch.input_features[0], _fbank(a_clip, "x"))
+    assert [it.sample for it in sorted(batch.layout.items, key=lambda it: (it.modality, it.global_index))
+            if it.modality == 1] == [0, 1]
+
+
+def test_frames_are_squashed_unless_padding_is_asked_for(vl2, media):
+    """The released model_init binds aspect_ratio=None (frames squashed to the square input); training padded to a
+    square with the image-mean colour (processor_kwargs={'aspect_ratio': 'pad'})."""
+    from transformers import SiglipImageProcessor
+
+    from av_lens.adapters.videollama2 import _square
+
+    wide = np.random.default_rng(2).integers(0, 255, (4, 56, 84, 3), dtype=np.uint8)
+    ip = SiglipImageProcessor(size={"height": 56, "width": 56})
+    squashed = vl2.prepare("Describe.", videos=[wide]).pixel_values_videos
+    assert torch.equal(squashed, ip(images=list(wide), return_tensors="pt")["pixel_values"])
+    padded = vl2.prepare("Describe.", videos=[wide], processor_kwargs={"aspect_ratio": "pad"}).pixel_values_videos
+    assert torch.equal(padded, ip(images=[_square(f, ip.image_mean) for f in wide], return_tensors="pt")["pixel_values"])
+    assert not torch.equal(squashed, padded)
+    with pytest.raises(InputError, match="aspect_ratio"):
+        vl2.prepare("Describe.", videos=[wide], processor_kwargs={"aspect_ratio": "crop"})
+
+
+def test_shard_weights_win_over_the_side_pickles(tmp_path, folder):
+    """The released shards hold the fine-tuned audio tower; the side pickles are the stage-2 inputs of that tuning.
+    Where both hold a tensor the shards' is loaded; the pickles only fill what the shards lack."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    both = tmp_path / "both"
+    shutil.copytree(folder, both)
+    f = sorted(both.glob("*.safetensors"))[0]
+    sd = load_file(f)
+    pickled = torch.load(both / "audio_tower.bin", weights_only=True)
+    tuned = {k: v + 1.0 for k, v in pickled.items() if k.endswith("fc1.weight")}
+    save_file({**sd, **tuned}, f, metadata={"format": "pt"})
+    m = HookedAVTransformer.from_pretrained(both)
+    for k, v in tuned.items():
+        assert torch.equal(m.audio_tower.state_dict()[k[len("model.audio_tower."):]], v)
+    other = next(k for k in pickled if k.endswith("fc2.weight"))
+    assert torch.equal(m.audio_tower.state_dict()[other[len("model.audio_tower."):]], pickled[other])
