@@ -151,6 +151,32 @@ def _audio_llm(ctx, family: str):
     return _AUDIO_LLMS[family]
 
 
+_AV_FAMILIES: dict = {}
+
+
+def _av_family(ctx, name: str):
+    """A tiny video-SALMONN-2+ ("salmonn"), VideoLLaMA2-AV ("vl2") or its vision-only base ("vl2_base"), built once."""
+    if name not in _AV_FAMILIES:
+        from av_lens.testing.tiny_salmonn import save_tiny_video_salmonn2
+        from av_lens.testing.tiny_videollama2 import save_tiny_videollama2
+
+        d = ctx.tmp / "ckpt" / name
+        folder = (save_tiny_video_salmonn2(d) if name == "salmonn" else save_tiny_videollama2(d, audio=name == "vl2"))
+        _AV_FAMILIES[name] = HookedAVTransformer.from_pretrained(folder)
+    return _AV_FAMILIES[name]
+
+
+def _vl2_vocab_too_small(ctx) -> Path:
+    """A tiny VideoLLaMA2 folder whose vocabulary has no room above the tokenizer for av_lens's media ids."""
+    from av_lens.testing.tiny_videollama2 import save_tiny_videollama2
+
+    d = save_tiny_videollama2(ctx.tmp / "ckpt" / "vl2_full_vocab")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] = cfg["vocab_size"] - 7  # one id above the tokenizer's last
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
 def _without(inp, *drop: str) -> dict:
     """The processor dict behind an AVInput, minus some entries."""
     return {k: v for k, v in inp.hf_kwargs().items() if k not in ("use_audio_in_video", *drop)}
@@ -421,6 +447,25 @@ CASES: list[Case] = [
          lambda ctx: head_ablation_hooks(ctx.model, [(0, 0)], query="audio")[0][1](torch.zeros(1, 4, 4, 16), None),
          InputError, ("head-ablation hook ran outside a model forward", "run_state is not set"),
          ("model.run_with_hooks", "model.generate(fwd_hooks=...)")),
+    # ---- audio-visual models not in transformers (video-SALMONN-2+, VideoLLaMA2-AV) -----------------------------
+    Case("salmonn-av-batch-with-an-image", "layout",
+         lambda ctx: _av_family(ctx, "salmonn").prepare("Describe.", videos=[ctx.media["video"]],
+                                                        video_audio=[ctx.media["wav5"]], images=[ctx.media["image"]]),
+         LayoutError, ("video-SALMONN-2+ input mixes videos with audio and images", "get_rope_index"),
+         ("run videos with audio in a separate batch",)),
+    Case("videollama2-base-given-audio", "inputs",
+         lambda ctx: _av_family(ctx, "vl2_base").prepare("Describe.", videos=[ctx.media["video"]],
+                                                         video_audio=[ctx.media["wav5"]]),
+         InputError, ("has no audio tower", "vision-only release"),
+         ("drop audio= and video_audio=", "VideoLLaMA2.1-7B-AV")),
+    Case("videollama2-unknown-aspect-ratio", "inputs",
+         lambda ctx: _av_family(ctx, "vl2").prepare("Describe.", videos=[ctx.media["video"]],
+                                                    processor_kwargs={"aspect_ratio": "crop"}),
+         InputError, ("aspect_ratio='crop'",), ("{'aspect_ratio': None}", "{'aspect_ratio': 'pad'}")),
+    Case("videollama2-vocab-without-room", "loading",
+         lambda ctx: _load(_vl2_vocab_too_small(ctx)),
+         CheckpointError, ("that av_lens reserves for media positions are real tokens",),
+         ("use the checkpoint's own tokenizer",)),
     # ---- audio-only LLMs (Qwen2-Audio, Audio Flamingo 3) ----------------------------------------------------
     Case("audio-llm-given-an-image", "inputs",
          lambda ctx: _audio_llm(ctx, "qwen2_audio").prepare("What is this?", images=[ctx.media["image"]]),
