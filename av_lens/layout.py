@@ -83,7 +83,9 @@ class MediaSpec:
     #: 1/``position_id_per_seconds`` = 1/tokens_per_second s; images at t = start) or "1d" (Phi-4-multimodal:
     #: every real token, text, image or audio, advances the one position axis by one; pads sit at 0) or
     #: "video_salmonn2" (video-SALMONN-2+: Qwen2.5-VL's M-RoPE with audio inside ``<|vision_start|>`` blocks, see
-    #: :meth:`_SampleBuilder._salmonn_av_block`; audio items' token counts in ``audio_token_counts``)
+    #: :meth:`_SampleBuilder._salmonn_av_block`; audio items' token counts in ``audio_token_counts``) or
+    #: "video_salmonn2_inference" (what its published inference script runs with, see
+    #: :meth:`_SampleBuilder._salmonn_inference_video_block`)
     rope_rules: str = "qwen2_5_omni"
 
     #: > 0 (Qwen3-Omni): audio is encoded in chunks of 2 * audio_n_window mel frames, 13 tokens per full chunk
@@ -476,6 +478,70 @@ class _SampleBuilder:
         self.next_pos = p + n + 2
         return i + n + 2
 
+    def _salmonn_inference_video_block(self, i: int) -> int:
+        """The positions video-SALMONN-2+'s published ``inference.py`` runs with: its ``generate`` drops the
+        dataset's position ids and passes neither ``audio_lengths`` nor ``second_per_grid_ts``, so the model's
+        vision-only branch places the first grid-size tokens after ``<|vision_start|>`` (whichever kind they are)
+        on the video grid at 1 s per step (time = step x 2), and every later token of the block, its end marker
+        and the text after it 1-D from the grid's largest position + 1. Tags and time stamps stay the tokens' own."""
+        g, grid, spg, per_t, _ = self._video_meta()
+        n_v = grid[0] * per_t
+        has_audio = self._salmonn_video_has_audio(i)
+        ga, n_a = self._take("audio", self.media.audio_token_counts, "audio") if has_audio else (None, 0)
+        if has_audio and any(it.with_audio for it in self.items):
+            raise LayoutError(f"sample {self.sample}: a second video with audio under rope_rules "
+                              "'video_salmonn2_inference'; the published inference positions (its vision-only branch "
+                              "over interleaved blocks) are defined for one such video per prompt",
+                              "put one video with its soundtrack per prompt, or use rope_rules 'video_salmonn2' (the "
+                              "trained rules)")
+        t_index = (torch.arange(grid[0]) * torch.tensor(1.0, dtype=torch.float32) * 2).long().numpy()
+        p = self.next_pos
+        block = self._vision_positions(grid, t_index, p + 1)
+        lv = self._new_item(Modality.VIDEO, g, n_v, grid_thw=grid, seconds_per_grid=spg, duration_s=grid[0] * spg,
+                            with_audio=has_audio)
+        self._marker(i, p, lv)
+        seg = self.ids[i + 1:i + 1 + n_v + n_a]
+        is_v, is_a = seg == self.tok.video, seg == self.tok.audio
+        if len(seg) != n_v + n_a or int(is_v.sum()) != n_v or int(is_a.sum()) != n_a:
+            raise LayoutError(
+                f"sample {self.sample}: video item {g} should hold {n_v} video and {n_a} audio tokens after its "
+                f"<|vision_start|> (index {i}), found {int(is_v.sum())} and {int(is_a.sum())}",
+                "build video prompts with model.prepare(videos=[...], video_audio=[...]), or pass the media the text "
+                "was expanded for")
+        vi, ai = np.flatnonzero(is_v) + i + 1, np.flatnonzero(is_a) + i + 1
+        self.mod[vi], self.item[vi] = int(Modality.VIDEO), lv
+        self.time[vi] = np.repeat(np.arange(grid[0]) * spg, per_t)
+        if has_audio:
+            la = self._new_item(Modality.AUDIO, ga, n_a, duration_s=n_a * self.media.audio_token_seconds or None)
+            self.mod[ai], self.item[ai] = int(Modality.AUDIO), la
+            self.time[ai] = np.arange(n_a) * self.media.audio_token_seconds
+        self.pos[:, i + 1:i + 1 + n_v] = block
+        q = int(block.max()) + 1
+        rest = np.arange(i + 1 + n_v, i + 1 + n_v + n_a)
+        self.pos[:, rest] = q + np.arange(n_a)
+        j = i + 1 + n_v + n_a
+        self._expect_token(j, self.tok.vision_eos, "<|vision_end|>", f"video item {g}")
+        self._marker(j, q + n_a, lv)
+        self.next_pos = q + n_a + 1
+        return j + 1
+
+    def _salmonn_inference_audio_block(self, i: int) -> int:
+        """Standalone audio under the published inference positions: no audio_lengths reach the model, so its
+        tokens are text to ``get_rope_index`` (1-D)."""
+        g, n = self._take("audio", self.media.audio_token_counts, "audio")
+        self._expect_run(i + 1, self.tok.audio, n, f"audio item {g}", "its windows")
+        self._expect_token(i + 1 + n, self.tok.vision_eos, "<|vision_end|>", f"audio item {g}")
+        local = self._new_item(Modality.AUDIO, g, n, duration_s=n * self.media.audio_token_seconds or None)
+        p = self.next_pos
+        self._marker(i, p, local)
+        sl = slice(i + 1, i + 1 + n)
+        self.mod[sl], self.item[sl] = int(Modality.AUDIO), local
+        self.time[sl] = np.arange(n) * self.media.audio_token_seconds
+        self.pos[:, sl] = p + 1 + np.arange(n)
+        self._marker(i + 1 + n, p + n + 1, local)
+        self.next_pos = p + n + 2
+        return i + n + 2
+
     def _salmonn_video_has_audio(self, i: int) -> bool:
         """Whether the video block opened at index i holds audio tokens before its ``<|vision_end|>``."""
         rest = self.ids[i + 1:]
@@ -527,6 +593,10 @@ class _SampleBuilder:
             nxt = int(ids[i + 1]) if i + 1 < len(ids) else None
             if self.media.rope_rules == "1d" and t in (tok.image, tok.audio, tok.video) and t >= 0:
                 i = self._run_1d(i)
+            elif self.media.rope_rules == "video_salmonn2_inference" and t == tok.vision_bos and nxt == tok.audio:
+                i = self._salmonn_inference_audio_block(i)
+            elif self.media.rope_rules == "video_salmonn2_inference" and t == tok.vision_bos and nxt == tok.video:
+                i = self._salmonn_inference_video_block(i)
             elif self.media.rope_rules == "video_salmonn2" and t == tok.vision_bos and nxt == tok.audio:
                 i = self._salmonn_audio_block(i)
             elif (self.media.rope_rules == "video_salmonn2" and t == tok.vision_bos and nxt == tok.video
@@ -596,7 +666,7 @@ def build_layout(
     one_d = media.rope_rules == "1d"
     if media.rope_rules == "video_salmonn2":
         _check_salmonn_batch(items)
-    for key, seq in (("audio", media.audio_token_counts if one_d or media.rope_rules == "video_salmonn2"
+    for key, seq in (("audio", media.audio_token_counts if one_d or media.rope_rules.startswith("video_salmonn2")
                       else media.audio_lengths),
                      ("image", media.image_token_counts if one_d else media.image_grid_thw),
                      ("video", media.video_token_counts if one_d else media.video_grid_thw)):

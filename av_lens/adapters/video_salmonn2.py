@@ -26,10 +26,11 @@ The published code (bytedance/video-SALMONN-2 @61faec0, ``video_SALMONN2_plus/qw
   block (k, k, 0), both from the position after ``<|vision_start|>``; the text after the *last* audio-carrying
   block resumes at the block's largest time position + 1, after earlier ones at its largest position + 1.
 
-What is not the published inference script's behaviour: ``inference.py`` builds ``position_ids`` with these rules
-but calls ``generate``, whose ``prepare_inputs_for_generation`` discards them, and passes no ``audio_lengths`` (a
-list, dropped by its tensor filter), so its prefill runs the vision-only branch over the interleaved block. av_lens
-follows the rules the model was trained with (docs/models.md).
+The published inference script runs other positions: ``inference.py`` builds ``position_ids`` with these rules but
+calls ``generate``, whose ``prepare_inputs_for_generation`` discards them, and passes neither ``audio_lengths`` nor
+``second_per_grid_ts`` (lists, dropped by its tensor filter), so its prefill runs the vision-only branch over the
+interleaved block. av_lens follows the rules the model was trained with; ``model.cfg.rope_rules =
+"video_salmonn2_inference"`` switches to the script's (docs/models.md).
 
 Hook points: ``audio_encoder.hook_in`` (log-mel windows [n_windows, n_mel, 3000]), ``audio_encoder.blocks.{i}
 .hook_out`` (Whisper layer i, [n_windows, 1500, d_whisper]) and ``audio_encoder.hook_out`` ([n_audio_tokens,
@@ -255,7 +256,7 @@ def input_from_processor(model, data) -> "AVInput":
         image_grid_thw=() if igrid is None else tuple(tuple(int(x) for x in g) for g in torch.as_tensor(igrid)),
         video_grid_thw=() if vgrid is None else tuple(tuple(int(x) for x in g) for g in torch.as_tensor(vgrid)),
         video_second_per_grid=() if spg_t is None else tuple(float(x) for x in spg_t),
-        spatial_merge_size=model.cfg.spatial_merge_size, position_id_per_seconds=2, rope_rules="video_salmonn2",
+        spatial_merge_size=model.cfg.spatial_merge_size, position_id_per_seconds=2, rope_rules=_rules(model),
         audio_token_counts=counts, audio_token_seconds=float(model.cfg.extra.get("audio_token_seconds", 0.5)))
     layout = build_layout(ids, mask, model.cfg.tokens, media)
     t = lambda k: None if data.get(k) is None else torch.as_tensor(data[k])
@@ -265,6 +266,19 @@ def input_from_processor(model, data) -> "AVInput":
                    pixel_values=t("pixel_values"), image_grid_thw=t("image_grid_thw"),
                    pixel_values_videos=t("pixel_values_videos"), video_grid_thw=t("video_grid_thw"),
                    video_second_per_grid=spg_t)
+
+
+#: position rules: the trained ones (default) or the published inference script's (``model.cfg.rope_rules =
+#: "video_salmonn2_inference"``)
+RULES = ("video_salmonn2", "video_salmonn2_inference")
+
+
+def _rules(model) -> str:
+    rules = model.cfg.rope_rules
+    if rules not in RULES:
+        raise InputError(f"model.cfg.rope_rules is {rules!r}, which video-SALMONN-2+ does not have",
+                         f"set it to one of {list(RULES)} ('video_salmonn2': the trained rules, the default)")
+    return rules
 
 
 def _stack_clips(clips: list[Tensor], n_frames: int) -> tuple[Tensor, Tensor]:

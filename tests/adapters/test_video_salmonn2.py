@@ -197,7 +197,9 @@ def published_chunks(inp, n_frames=3000):
     return torch.stack(out)
 
 
-def reference_forward(sal, ref, published, inp, spec=TinySalmonnSpec()):
+def reference_forward(sal, ref, published, inp, spec=TinySalmonnSpec(), inference=False):
+    """``inference=True``: the positions of the published inference.py, whose generate() passes the model neither
+    audio_lengths nor second_per_grid_ts."""
     t = sal.cfg.tokens
     ids, mask = inp.input_ids, inp.attention_mask
     with torch.no_grad():
@@ -215,7 +217,8 @@ def reference_forward(sal, ref, published, inp, spec=TinySalmonnSpec()):
                        if it.modality == Modality.AUDIO]
         pos = ref_rope_index(ids, mask, vision_start=t.vision_bos, image=t.image, video=t.video, audio=t.audio,
                              image_grid=inp.image_grid_thw, video_grid=inp.video_grid_thw,
-                             second_per_grid=inp.video_second_per_grid, audio_lengths=lengths)
+                             second_per_grid=None if inference else inp.video_second_per_grid,
+                             audio_lengths=None if inference else lengths)
         out = ref(inputs_embeds=emb, attention_mask=mask, position_ids=pos, output_hidden_states=True)
     return out, pos
 
@@ -537,3 +540,28 @@ def test_videos_are_sampled_as_the_published_inference_samples_them(sal, media):
     assert raw.video_grid_thw[0, 0] == 20 and float(raw.video_second_per_grid[0]) == pytest.approx(0.1)
     with pytest.raises(InputError, match="published_sampling"):
         sal.prepare("Describe.", videos=[v40], processor_kwargs={"sampling": False})
+
+
+@pytest.mark.parametrize("case", ["video_with_audio", "video_3fps_with_audio", "video", "audio", "image"])
+def test_the_published_inference_scripts_positions_on_request(folder, ref, published, media, case):
+    """rope_rules 'video_salmonn2_inference': the positions inference.py's generate() runs with (the vision-only
+    branch over the interleaved block at 1 s per grid step; standalone audio as text), equal to the transcribed
+    get_rope_index called without audio_lengths and second_per_grid_ts; logits equal the reference's with them."""
+    sal = HookedAVTransformer.from_pretrained(folder)
+    sal.cfg.rope_rules = "video_salmonn2_inference"
+    inp = sal.prepare(**cases(media)[case])
+    out, pos = reference_forward(sal, ref, published, inp, inference=True)
+    assert torch.equal(inp.layout.position_ids, pos)
+    with torch.no_grad():
+        assert (sal(inp) - out.logits).abs().max().item() <= TOL
+    trained = HookedAVTransformer.from_pretrained(folder).prepare(**cases(media)[case])
+    if case in ("video_with_audio", "video_3fps_with_audio", "audio"):
+        assert not torch.equal(trained.layout.position_ids, inp.layout.position_ids)  # the two rules differ here
+    assert torch.equal(trained.layout.modality, inp.layout.modality)
+    assert torch.equal(trained.layout.time.nan_to_num(-1.0), inp.layout.time.nan_to_num(-1.0))
+    if case == "video_with_audio":
+        with pytest.raises(LayoutError, match="second video with audio"):
+            sal.prepare("<video><video>\nCompare.", videos=[media["video"]] * 2, video_audio=[media["wav5"]] * 2)
+        sal.cfg.rope_rules = "1d"
+        with pytest.raises(InputError, match="video_salmonn2_inference"):
+            sal.prepare(**cases(media)[case])
