@@ -228,8 +228,14 @@ def input_from_processor(model, data) -> "AVInput":
         audio_token_seconds=0.0 if feats is None else model.audio_tower.cfg.input_patch_size * 0.01,
         audio_step_tokens=1 if feats is None else 128 // model.audio_tower.cfg.input_patch_size)
     layout = build_layout(ids, mask, model.cfg.tokens, media)
+    # rows of pixels per item as "grids" (frames, 1, 1) / (1, 1, 1) and an all-ones feature mask, so that AVInput's
+    # per-sample selection and concatenation split them as they split the Qwen families' (the towers ignore them)
+    grid = lambda n, t: None if n == 0 else torch.tensor([[t, 1, 1]] * n)
     return AVInput(input_ids=ids, attention_mask=mask.long(), layout=layout, input_features=feats,
-                   pixel_values=pi, pixel_values_videos=pv, video_second_per_grid=None if pv is None else spg.float())
+                   feature_attention_mask=None if feats is None else torch.ones(feats.shape[:2], dtype=torch.long),
+                   pixel_values=pi, image_grid_thw=grid(0 if pi is None else pi.shape[0], 1),
+                   pixel_values_videos=pv, video_grid_thw=grid(n_videos, n_frames),
+                   video_second_per_grid=None if pv is None else spg.float())
 
 
 def frame_sample(n: int, num_frames: int) -> np.ndarray:

@@ -20,6 +20,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from av_lens.inputs import AVInput
 import torch.nn.functional as F
 
 from av_lens import HookedAVTransformer, InputError, LayoutError
@@ -565,3 +567,18 @@ def test_the_published_inference_scripts_positions_on_request(folder, ref, publi
         sal.cfg.rope_rules = "1d"
         with pytest.raises(InputError, match="video_salmonn2_inference"):
             sal.prepare(**cases(media)[case])
+
+
+def test_a_batch_splits_joins_and_caches_its_encoders_by_sample(sal, media):
+    """inputs[i], AVInput.cat and model.encode (precomputed tower outputs) on a two-sample AV batch: each sample's
+    logits as in the batch (the padded sample to float noise)."""
+    b = sal.prepare(["<video>\nWhat?", "<video>\nDescribe it."], videos=[media["video"], media["video"][::-1].copy()],
+                    video_audio=[media["wav5"], media["wav3"]])
+    with torch.no_grad():
+        full = sal(b)
+        assert ((sal(b[1])[0] - full[1]).abs().max().item()) <= TOL
+        assert torch.equal(sal(AVInput.cat([b[0], b[1]])), full)
+        enc = sal.encode(b)
+        assert set(enc.encoder_outputs) == {"audio", "video"}
+        assert torch.equal(sal(enc), full)  # the same tower outputs, precomputed
+        assert (sal(enc[1]) - sal(b[1])).abs().max().item() <= TOL  # towers run on one sample vs two

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from av_lens.inputs import AVInput
+
 from av_lens import CheckpointError, HookedAVTransformer, InputError
 from av_lens.adapters.videollama2 import _fbank, _soundtrack_fbank, frame_sample, soundtrack_clips
 from av_lens.analysis import attention_flow, knockout_hooks, logit_lens, patch_by_modality, path_patch, token_shift
@@ -384,3 +386,18 @@ def test_shard_weights_win_over_the_side_pickles(tmp_path, folder):
         assert torch.equal(m.audio_tower.state_dict()[k[len("model.audio_tower."):]], v)
     other = next(k for k in pickled if k.endswith("fc2.weight"))
     assert torch.equal(m.audio_tower.state_dict()[other[len("model.audio_tower."):]], pickled[other])
+
+
+def test_a_batch_splits_joins_and_caches_its_encoders_by_sample(vl2, media):
+    """inputs[i], AVInput.cat and model.encode (precomputed tower outputs) on a two-sample AV batch: each sample's
+    logits as in the batch (the padded sample to float noise)."""
+    b = vl2.prepare(["<video>\nWhat?", "<video>\nDescribe it."], videos=[media["video"], media["video"][::-1].copy()],
+                    video_audio=[media["wav5"], media["wav3"]])
+    with torch.no_grad():
+        full = vl2(b)
+        assert ((vl2(b[1])[0] - full[1]).abs().max().item()) <= TOL
+        assert torch.equal(vl2(AVInput.cat([b[0], b[1]])), full)
+        enc = vl2.encode(b)
+        assert set(enc.encoder_outputs) == {"audio", "video"}
+        assert torch.equal(vl2(enc), full)  # the same tower outputs, precomputed
+        assert (vl2(enc[1]) - vl2(b[1])).abs().max().item() <= TOL  # towers run on one sample vs two
