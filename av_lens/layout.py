@@ -419,6 +419,31 @@ class _SampleBuilder:
         more = bool(np.any((rest[:-1] == self.tok.vision_bos) & (rest[1:] == kind))) if len(rest) > 1 else False
         return int(block.max()) + 1 if more else int(block[0].max()) + 1
 
+    def _salmonn_tag(self, i: int, g: int, ga: int | None, grid, spg: float, per_t: int, n_a: int):
+        """Tag a video block of video-SALMONN-2+ opened at index i: its n_v video and n_a audio tokens, in any order,
+        get their items and time stamps (``ga``: the soundtrack's audio item, None for a silent video). Returns
+        (video item, audio item or None, video indices, audio indices)."""
+        n_v = grid[0] * per_t
+        lv = self._new_item(Modality.VIDEO, g, n_v, grid_thw=grid, seconds_per_grid=spg, duration_s=grid[0] * spg,
+                            with_audio=ga is not None)
+        seg = self.ids[i + 1:i + 1 + n_v + n_a]
+        is_v, is_a = seg == self.tok.video, seg == self.tok.audio
+        if len(seg) != n_v + n_a or int(is_v.sum()) != n_v or int(is_a.sum()) != n_a:
+            raise LayoutError(
+                f"sample {self.sample}: video item {g} should hold {n_v} video and {n_a} audio tokens after its "
+                f"<|vision_start|> (index {i}), found {int(is_v.sum())} and {int(is_a.sum())}",
+                "build video prompts with model.prepare(videos=[...], video_audio=[...]) (it interleaves each grid "
+                "step's audio after its video tokens), or pass the media the text was expanded for")
+        vi, ai = np.flatnonzero(is_v) + i + 1, np.flatnonzero(is_a) + i + 1
+        self.mod[vi], self.item[vi] = int(Modality.VIDEO), lv
+        self.time[vi] = np.repeat(np.arange(grid[0]) * spg, per_t)
+        la = None
+        if ga is not None:
+            la = self._new_item(Modality.AUDIO, ga, n_a, duration_s=n_a * self.media.audio_token_seconds or None)
+            self.mod[ai], self.item[ai] = int(Modality.AUDIO), la
+            self.time[ai] = np.arange(n_a) * self.media.audio_token_seconds
+        return lv, la, vi, ai
+
     def _salmonn_av_block(self, i: int) -> int:
         """video-SALMONN-2+'s video with its soundtrack: ``<|vision_start|>`` then, per temporal grid step, that
         step's video tokens followed by a run of audio tokens, then ``<|vision_end|>``. Video tokens take Qwen2.5-VL
@@ -427,30 +452,14 @@ class _SampleBuilder:
         runs does not move any position, as in the published code)."""
         g, grid, spg, per_t, t_index = self._video_meta()
         ga, n_a = self._take("audio", self.media.audio_token_counts, "audio")
-        n_v = grid[0] * per_t
         p = self.next_pos
         start = p + 1
         v_block = self._vision_positions(grid, t_index, start)
         k = np.arange(n_a)
         a_block = np.stack([k, np.zeros_like(k), k]) + start
-        lv = self._new_item(Modality.VIDEO, g, n_v, grid_thw=grid, seconds_per_grid=spg, duration_s=grid[0] * spg,
-                            with_audio=True)
-        la = self._new_item(Modality.AUDIO, ga, n_a, duration_s=n_a * self.media.audio_token_seconds or None)
+        lv, _, vi, ai = self._salmonn_tag(i, g, ga, grid, spg, per_t, n_a)
         self._marker(i, p, lv)
-        seg = self.ids[i + 1:i + 1 + n_v + n_a]
-        is_v, is_a = seg == self.tok.video, seg == self.tok.audio
-        if len(seg) != n_v + n_a or int(is_v.sum()) != n_v or int(is_a.sum()) != n_a:
-            raise LayoutError(
-                f"sample {self.sample}: video item {g} with audio item {ga} should hold {n_v} video and {n_a} audio "
-                f"tokens after its <|vision_start|> (index {i}), found {int(is_v.sum())} and {int(is_a.sum())}",
-                "build video-with-audio prompts with model.prepare(videos=[...], video_audio=[...]) (it interleaves "
-                "each grid step's audio after its video tokens), or pass the media the text was expanded for")
-        sl = slice(i + 1, i + 1 + n_v + n_a)
-        vi, ai = np.flatnonzero(is_v) + i + 1, np.flatnonzero(is_a) + i + 1
-        self.mod[vi], self.item[vi] = int(Modality.VIDEO), lv
-        self.mod[ai], self.item[ai] = int(Modality.AUDIO), la
-        self.time[vi] = np.repeat(np.arange(grid[0]) * spg, per_t)
-        self.time[ai] = k * self.media.audio_token_seconds
+        sl = slice(i + 1, i + 1 + grid[0] * per_t + n_a)
         self.pos[:, vi], self.pos[:, ai] = v_block, a_block
         j = sl.stop
         self._expect_token(j, self.tok.vision_eos, "<|vision_end|>", f"video item {g} with audio")
@@ -497,24 +506,8 @@ class _SampleBuilder:
         t_index = (torch.arange(grid[0]) * torch.tensor(1.0, dtype=torch.float32) * 2).long().numpy()
         p = self.next_pos
         block = self._vision_positions(grid, t_index, p + 1)
-        lv = self._new_item(Modality.VIDEO, g, n_v, grid_thw=grid, seconds_per_grid=spg, duration_s=grid[0] * spg,
-                            with_audio=has_audio)
+        lv, _, _, _ = self._salmonn_tag(i, g, ga, grid, spg, per_t, n_a)
         self._marker(i, p, lv)
-        seg = self.ids[i + 1:i + 1 + n_v + n_a]
-        is_v, is_a = seg == self.tok.video, seg == self.tok.audio
-        if len(seg) != n_v + n_a or int(is_v.sum()) != n_v or int(is_a.sum()) != n_a:
-            raise LayoutError(
-                f"sample {self.sample}: video item {g} should hold {n_v} video and {n_a} audio tokens after its "
-                f"<|vision_start|> (index {i}), found {int(is_v.sum())} and {int(is_a.sum())}",
-                "build video prompts with model.prepare(videos=[...], video_audio=[...]), or pass the media the text "
-                "was expanded for")
-        vi, ai = np.flatnonzero(is_v) + i + 1, np.flatnonzero(is_a) + i + 1
-        self.mod[vi], self.item[vi] = int(Modality.VIDEO), lv
-        self.time[vi] = np.repeat(np.arange(grid[0]) * spg, per_t)
-        if has_audio:
-            la = self._new_item(Modality.AUDIO, ga, n_a, duration_s=n_a * self.media.audio_token_seconds or None)
-            self.mod[ai], self.item[ai] = int(Modality.AUDIO), la
-            self.time[ai] = np.arange(n_a) * self.media.audio_token_seconds
         self.pos[:, i + 1:i + 1 + n_v] = block
         q = int(block.max()) + 1
         rest = np.arange(i + 1 + n_v, i + 1 + n_v + n_a)
