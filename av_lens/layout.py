@@ -471,7 +471,9 @@ class _SampleBuilder:
 
     def _salmonn_audio_block(self, i: int) -> int:
         """video-SALMONN-2+'s standalone audio: ``<|vision_start|>`` + audio tokens + ``<|vision_end|>``; audio token
-        k at (k, k, 0) after the start marker's position; text resumes at the block's largest position + 1."""
+        k at (k, k, 0) after the start marker's position; text resumes at the block's largest position + 1. Under
+        the published inference script's rules no audio_lengths reach the model, so the tokens are text to its
+        ``get_rope_index``: (k, k, k)."""
         g, n = self._take("audio", self.media.audio_token_counts, "audio")
         self._expect_run(i + 1, self.tok.audio, n, f"audio item {g}", "its windows")
         self._expect_token(i + 1 + n, self.tok.vision_eos, "<|vision_end|>", f"audio item {g}")
@@ -482,7 +484,8 @@ class _SampleBuilder:
         k = np.arange(n)
         self.mod[sl], self.item[sl] = int(Modality.AUDIO), local
         self.time[sl] = k * self.media.audio_token_seconds
-        self.pos[:, sl] = np.stack([k, k, np.zeros_like(k)]) + p + 1
+        w = k if self.media.rope_rules == "video_salmonn2_inference" else np.zeros_like(k)
+        self.pos[:, sl] = np.stack([k, k, w]) + p + 1
         self._marker(i + 1 + n, p + n + 1, local)
         self.next_pos = p + n + 2
         return i + n + 2
@@ -517,23 +520,6 @@ class _SampleBuilder:
         self._marker(j, q + n_a, lv)
         self.next_pos = q + n_a + 1
         return j + 1
-
-    def _salmonn_inference_audio_block(self, i: int) -> int:
-        """Standalone audio under the published inference positions: no audio_lengths reach the model, so its
-        tokens are text to ``get_rope_index`` (1-D)."""
-        g, n = self._take("audio", self.media.audio_token_counts, "audio")
-        self._expect_run(i + 1, self.tok.audio, n, f"audio item {g}", "its windows")
-        self._expect_token(i + 1 + n, self.tok.vision_eos, "<|vision_end|>", f"audio item {g}")
-        local = self._new_item(Modality.AUDIO, g, n, duration_s=n * self.media.audio_token_seconds or None)
-        p = self.next_pos
-        self._marker(i, p, local)
-        sl = slice(i + 1, i + 1 + n)
-        self.mod[sl], self.item[sl] = int(Modality.AUDIO), local
-        self.time[sl] = np.arange(n) * self.media.audio_token_seconds
-        self.pos[:, sl] = p + 1 + np.arange(n)
-        self._marker(i + 1 + n, p + n + 1, local)
-        self.next_pos = p + n + 2
-        return i + n + 2
 
     def _salmonn_video_has_audio(self, i: int) -> bool:
         """Whether the video block opened at index i holds audio tokens before its ``<|vision_end|>``."""
@@ -586,12 +572,10 @@ class _SampleBuilder:
             nxt = int(ids[i + 1]) if i + 1 < len(ids) else None
             if self.media.rope_rules == "1d" and t in (tok.image, tok.audio, tok.video) and t >= 0:
                 i = self._run_1d(i)
-            elif self.media.rope_rules == "video_salmonn2_inference" and t == tok.vision_bos and nxt == tok.audio:
-                i = self._salmonn_inference_audio_block(i)
+            elif self.media.rope_rules.startswith("video_salmonn2") and t == tok.vision_bos and nxt == tok.audio:
+                i = self._salmonn_audio_block(i)
             elif self.media.rope_rules == "video_salmonn2_inference" and t == tok.vision_bos and nxt == tok.video:
                 i = self._salmonn_inference_video_block(i)
-            elif self.media.rope_rules == "video_salmonn2" and t == tok.vision_bos and nxt == tok.audio:
-                i = self._salmonn_audio_block(i)
             elif (self.media.rope_rules == "video_salmonn2" and t == tok.vision_bos and nxt == tok.video
                   and self._salmonn_video_has_audio(i)):
                 i = self._salmonn_av_block(i)

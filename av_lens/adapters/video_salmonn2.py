@@ -39,6 +39,7 @@ d_model], one row per 0.5 s window after the Q-Former and ``audio_proj``); visio
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import numpy as np
@@ -296,16 +297,16 @@ def _stack_clips(clips: list[Tensor], n_frames: int) -> tuple[Tensor, Tensor]:
 def feature_extractor(model):
     """The published audio front end: ``WhisperFeatureExtractor(feature_size=n_mel, sampling_rate=16000,
     hop_length=160, chunk_length=30)`` (``inference.py``'s ``prepare_dataset``), sized by the tower."""
+    tower = model.audio_tower
+    return _whisper_fe(int(tower.encoder.config.num_mel_bins), tower.n_frames * 160 // 16000)
+
+
+@functools.lru_cache(maxsize=8)
+def _whisper_fe(n_mel: int, chunk_s: int):
     from transformers import WhisperFeatureExtractor
 
-    tower = model.audio_tower
-    fe = model.cfg.extra.get("_salmonn_fe")
-    if fe is None:
-        n_mel = tower.encoder.config.num_mel_bins
-        fe = WhisperFeatureExtractor(feature_size=n_mel, sampling_rate=16000, hop_length=160,
-                                     chunk_length=tower.n_frames * 160 // 16000, n_fft=400)
-        model.cfg.extra["_salmonn_fe"] = fe
-    return fe
+    return WhisperFeatureExtractor(feature_size=n_mel, sampling_rate=16000, hop_length=160, chunk_length=chunk_s,
+                                   n_fft=400)
 
 
 def audio_chunks(model, wav: np.ndarray) -> Tensor:
